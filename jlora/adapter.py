@@ -1,0 +1,239 @@
+"""The adapter pytree and `init`, which creates one for the kernels a config selects."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora import _tree
+from jlora.config import LoraConfig
+from jlora.roles import AxisRoles, from_letters, nnx_roles, trace_roles, with_stack
+
+Params = Any  # a pytree of arrays: a linen variables dict, a params dict or an nnx.State
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+  """The low-rank update of one kernel: ΔW = scale · Aᵀ·B, laid out in the kernel's shape.
+
+  Only `a` and `b` are pytree leaves; the rest is static metadata, so `jax.grad` and optax
+  see the factors alone.
+
+  Attributes:
+    a: shape ``(*stacked, rank, fan_in)``, fan_in the product of the contracted axes.
+    b: shape ``(*stacked, rank, fan_out)``, fan_out the product of the feature axes.
+    scale: s, α/r or α/√r.
+    roles: the kernel's axis roles.
+    kernel_shape: the shape of the kernel this update belongs to.
+    dropout: dropout rate on the input of this update while training.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"fc": {"kernel": jnp.ones((4, 3))}}
+    >>> config = jlora.LoraConfig(rank=2, alpha=4.0, targets="fc/kernel")
+    >>> factors = jlora.init(jax.random.key(0), params, config).lora["fc/kernel"]
+    >>> factors.a.shape, factors.b.shape, factors.scale, factors.rank
+    ((2, 4), (2, 3), 2.0, 2)
+  """
+
+  a: jax.Array
+  b: jax.Array
+  scale: float = dataclasses.field(metadata=dict(static=True))
+  roles: AxisRoles = dataclasses.field(metadata=dict(static=True))
+  kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+  @property
+  def rank(self) -> int:
+    return self.a.shape[-2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """Everything that trains: low-rank factors by kernel path, and fully trained extra leaves.
+
+  Paths are those of the tree given to `jlora.init` ("/"-joined keys). The adapter is an
+  ordinary pytree: pass it to `optax` optimizers, `jax.grad`, `jax.jit` and orbax as it is.
+
+  Attributes:
+    lora: ``{path: LoraFactors}`` for every adapted kernel.
+    extras: ``{path: array}`` for every leaf trained in full (`LoraConfig.trainable`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    >>> config = jlora.LoraConfig(rank=2, alpha=4.0, targets="fc/kernel", trainable="fc/bias")
+    >>> adapter = jlora.init(jax.random.key(0), params, config)
+    >>> sorted(adapter.lora), sorted(adapter.extras)
+    (['fc/kernel'], ['fc/bias'])
+    >>> sum(x.size for x in jax.tree.leaves(adapter))  # 2·4 + 2·3 + 3
+    17
+  """
+
+  lora: dict[str, LoraFactors]
+  extras: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+def _sample_a(key, shape, dtype, scheme: str) -> jax.Array:
+  fan_in, rank = shape[-1], shape[-2]
+  if scheme == "kaiming":
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return jax.random.normal(key, shape, dtype) / rank
+
+
+def _is_embedding(path: str, leaf) -> bool:
+  return path.rsplit("/", 1)[-1] == "embedding" and len(leaf.shape) == 2
+
+
+def _roles_without_model(path: str, leaf, config: LoraConfig) -> AxisRoles:
+  letters = config.roles_for(path)
+  if letters is not None:
+    if len(letters) != len(leaf.shape):
+      raise ValueError(
+          f"{path}: LoraConfig.roles gives {letters!r} ({len(letters)} axes) for a kernel of "
+          f"shape {tuple(leaf.shape)}. Fix: one letter per axis."
+      )
+    return from_letters(letters)
+  if _is_embedding(path, leaf):
+    return AxisRoles("embed", (0,), (1,))
+  if len(leaf.shape) == 2:
+    return AxisRoles("dense", (0,), (1,))
+  raise ValueError(
+      f"{path}: a kernel of shape {tuple(leaf.shape)} has more than two axes, and jlora does not "
+      "guess which are contracted. Fix: pass the model, `jlora.init(key, variables, config, "
+      "model.apply, x)` (or the NNX module), or state them in LoraConfig.roles, e.g. "
+      "{'.*attn/out/kernel': 'iio'}."
+  )
+
+
+def _model_roles(model, variables, targets: dict[str, Any], args, kwargs) -> dict[str, AxisRoles]:
+  shapes = {path: tuple(leaf.shape) for path, leaf in targets.items()}
+  if isinstance(model, nnx.Module):
+    return _nnx_model_roles(model, shapes)
+  return trace_roles(model, variables, shapes, *args, **kwargs)
+
+
+def _nnx_model_roles(model: nnx.Module, shapes: dict[str, tuple[int, ...]]):
+  found = {}
+  for node_path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module):
+      continue
+    for name in ("kernel", "embedding"):
+      path = "/".join(map(str, (*node_path, name)))
+      if path in shapes:
+        roles = nnx_roles(node, len(shapes[path]), path)
+        if roles is not None:
+          found[path] = roles
+  return found
+
+
+def _target_roles(targets, config, model, variables, args, kwargs) -> dict[str, AxisRoles]:
+  traced = {} if model is None else _model_roles(model, variables, targets, args, kwargs)
+  roles = {}
+  for path, leaf in targets.items():
+    if path in traced and config.roles_for(path) is None:
+      roles[path] = traced[path]
+    elif model is not None and config.roles_for(path) is None:
+      raise ValueError(
+          f"{path} was selected by LoraConfig.targets, but no Dense, DenseGeneral, Einsum, Conv "
+          "or Embed module uses it as its kernel when the model runs (a bias, a norm scale or an "
+          "unused leaf cannot take a low-rank update). Fix: narrow the targets, or list it in "
+          "LoraConfig.trainable to train it in full."
+      )
+    else:
+      roles[path] = _roles_without_model(path, leaf, config)
+  return roles
+
+
+def _factor_shapes(path: str, shape, roles: AxisRoles, rank: int):
+  size = lambda axes: math.prod(shape[i] for i in axes)  # noqa: E731
+  fan_in, fan_out = size(roles.contracting), size(roles.features)
+  if rank > min(fan_in, fan_out):
+    raise ValueError(
+        f"{path}: rank {rank} exceeds min(fan_in, fan_out) = min({fan_in}, {fan_out}) of its "
+        f"kernel {tuple(shape)}; the update could not be low-rank. Fix: lower LoraConfig.rank "
+        "or set a smaller rank for this path in LoraConfig.rank_pattern."
+    )
+  stacked = tuple(shape[i] for i in roles.stacked)
+  return (*stacked, rank, fan_in), (*stacked, rank, fan_out)
+
+
+def select_targets(flat: dict[str, Any], config: LoraConfig) -> dict[str, Any]:
+  """{path: leaf} for every leaf that `config.targets` selects; errors when none is."""
+  targets = {path: leaf for path, leaf in flat.items() if config.is_target(path, leaf)}
+  if not targets:
+    shown = config.targets if callable(config.targets) else " | ".join(config.targets)
+    wanted = "" if callable(config.targets) else shown
+    raise ValueError(
+        "LoraConfig.targets matched no leaf of the tree given to jlora.init.\n"
+        f"  targets: {shown!r} (re.fullmatch against '/'-joined paths)\n"
+        f"  paths that look close: {_tree.close_paths(flat, wanted)}\n"
+        "  Fix: change the regex or pass a callable (path, leaf) -> bool."
+    )
+  return targets
+
+
+def init(key: jax.Array, params: Params, config: LoraConfig,
+         model: Callable[..., Any] | nnx.Module | None = None, *example_args, **example_kwargs
+         ) -> Adapter:
+  """Creates a fresh adapter (B = 0) for every kernel of `params` that `config` targets.
+
+  Axis roles come from the model when one is given: a linen apply function is traced
+  abstractly on the example inputs (arrays or `jax.ShapeDtypeStruct`, no FLOPs spent), an NNX
+  module is read directly. Without a model, only 2-D kernels (as (in, out)), ``embedding``
+  tables and kernels with `LoraConfig.roles` are accepted.
+
+  Args:
+    key: a PRNG key for A.
+    params: the tree to adapt; its leaves may be arrays or `jax.ShapeDtypeStruct`.
+    config: the `LoraConfig`.
+    model: optionally `model.apply` (then `params` are its variables) or an NNX module.
+    *example_args: example inputs for `model`, after `params`.
+    **example_kwargs: example keyword inputs for `model`.
+
+  Returns:
+    An `Adapter` whose paths are those of `params`.
+
+  Raises:
+    ValueError: if the targets match nothing, a target is not a kernel jlora can factor, or
+      a rank exceeds min(fan_in, fan_out).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+    >>> model = nn.DenseGeneral(features=(4, 8))
+    >>> x = jnp.ones((2, 16))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> config = jlora.LoraConfig(rank=2, alpha=4.0, targets=".*kernel")
+    >>> adapter = jlora.init(jax.random.key(1), variables, config, model.apply, x)
+    >>> factors = adapter.lora["params/kernel"]
+    >>> factors.a.shape, factors.b.shape, factors.roles.features
+    ((2, 16), (2, 32), (1, 2))
+  """
+  flat = _tree.flatten(params)
+  targets = select_targets(flat, config)
+  roles = _target_roles(targets, config, model, params, example_args, example_kwargs)
+  dtype = jnp.dtype(config.dtype)
+  keys = dict(zip(targets, jax.random.split(key, len(targets))))
+  lora = {}
+  for path, leaf in targets.items():
+    a_shape, b_shape = _factor_shapes(path, leaf.shape, roles[path], config.rank_for(path))
+    lora[path] = LoraFactors(
+        a=_sample_a(keys[path], a_shape, dtype, config.init),
+        b=jnp.zeros(b_shape, dtype),
+        scale=config.scale_for(path),
+        roles=roles[path],
+        kernel_shape=tuple(leaf.shape),
+        dropout=config.dropout,
+    )
+  extras = {path: jnp.asarray(leaf, dtype) for path, leaf in flat.items()
+            if config.is_trainable_extra(path) and path not in lora}
+  return Adapter(lora=lora, extras=extras)

@@ -1,0 +1,420 @@
+"""`wrap`: run a Flax model with an adapter, without ever differentiating its kernels.
+
+Every adapted contraction computes y = x·W + s·((x·Aᵀ)·B) with the LoRA input flattened to
+(tokens, fan_in), or, for a float32 Dense/DenseGeneral kernel with dropout off, the merged form
+y = x·(W + s·AᵀB) inside one `jax.custom_vjp` whose backward forms dx = g·(W + s·AᵀB)ᵀ and the
+adapter gradients from rank-r products only. Either way no (fan_in × fan_out) weight gradient is
+formed and W gets none (its cotangent is zero by construction: W is frozen).
+
+Linen models are intercepted with the public `flax.linen.intercept_methods`; the factors travel
+inside the variables, beside their kernel (``kernel_lora_a``, ``kernel_lora_b``), so lifted
+transforms such as `nn.scan` and `nn.remat` slice and carry them like the kernel itself. NNX
+models are run through `nnx.merge` with the public injection points of their layers
+(``dot_general``, ``einsum_op``, ``conv_general_dilated``) set on the fresh copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx, traverse_util
+from flax.core import unfreeze
+
+from jlora import _tree
+from jlora.adapter import Adapter, LoraFactors
+from jlora.merge import check_fits, merge
+from jlora.roles import kernel_name, linen_roles, module_path, nnx_roles
+
+_LINEN_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+_A, _B = "_lora_a", "_lora_b"
+_DN = (((1,), (1,)), ((), ()))  # (T, n) x (r, n) -> (T, r): contract the last axes of both
+DROPOUT_RNG = "lora_dropout"
+
+
+# ----------------------------------------------------------------------------------------------
+# The factored products, shared by linen and NNX.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _merged_matmul(x, w, a, b, scale, precision):
+  return jnp.matmul(x, w + scale * (a.T @ b), precision=precision)
+
+
+def _merged_matmul_fwd(x, w, a, b, scale, precision):
+  return _merged_matmul(x, w, a, b, scale, precision), (x, w, a, b)
+
+
+def _merged_matmul_bwd(scale, precision, residuals, g):
+  x, w, a, b = residuals
+  with jax.named_scope("jlora/merged_bwd"):
+    dx = jax.lax.dot_general(g, w + scale * (a.T @ b), _DN, precision=precision)
+    da = scale * jax.lax.dot_general(g, b, _DN, precision=precision).T @ x
+    db = scale * jax.lax.dot_general(x, a, _DN, precision=precision).T @ g
+  return dx, None, da, db
+
+
+_merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
+
+
+def _low_rank(x2, a, b, scale, keep):
+  """s·((x·Aᵀ)·B) for x of shape (tokens, fan_in), in x's dtype, with optional dropout."""
+  with jax.named_scope("jlora/low_rank"):
+    if keep is not None:
+      x2 = _dropout(x2, keep)
+    u = jax.lax.dot_general(x2, a.astype(x2.dtype), _DN)
+    return (u * jnp.asarray(scale, u.dtype)) @ b.astype(x2.dtype)
+
+
+def _dropout(x, keep):
+  rate, key = keep
+  mask = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(mask, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def dense_product(x, in_axes, kernel, a, b, factors: LoraFactors, base, *, precision=None,
+                  keep=None):
+  """x·W + s·(x·Aᵀ)·B for a kernel whose contracted axes lead, output in DenseGeneral layout.
+
+  `base` is the module's own x·W (with bias), or None to compute x·(W + s·AᵀB) in one
+  custom-VJP product (float32, no dropout).
+  """
+  n = len(in_axes)
+  in_axes = tuple(ax % x.ndim for ax in in_axes)
+  moved = jnp.moveaxis(x, in_axes, tuple(range(x.ndim - n, x.ndim)))
+  batch, out_dims = moved.shape[:-n], kernel.shape[n:]
+  fan_in, fan_out = math.prod(kernel.shape[:n]), math.prod(out_dims)
+  x2 = moved.reshape(-1, fan_in)
+  if base is None:
+    with jax.named_scope("jlora/merged"):
+      y2 = _merged_matmul(x2, kernel.reshape(fan_in, fan_out), a, b, factors.scale, precision)
+    return y2.reshape(batch + out_dims)
+  return base + _low_rank(x2, a, b, factors.scale, keep).reshape(batch + out_dims).astype(
+      base.dtype)
+
+
+def einsum_product(spec: str, x, a, b, factors: LoraFactors, base, *, keep=None):
+  """y + s·(x·Aᵀ)·B for an Einsum kernel, with A and B reshaped to the kernel's axes."""
+  ins, out = spec.replace(" ", "").split("->")
+  x_letters, k_letters = ins.split(",")
+  r = next(c for c in string.ascii_letters if c not in spec)
+  contracted = "".join(c for c in k_letters if c in x_letters)
+  features = "".join(c for c in k_letters if c in out)
+  sizes = dict(zip(x_letters, x.shape)) | dict(zip(out, base.shape))
+  a_full = a.astype(x.dtype).reshape((a.shape[0], *(sizes[c] for c in contracted)))
+  b_full = b.astype(x.dtype).reshape((b.shape[0], *(sizes[c] for c in features)))
+  kept = "".join(c for c in x_letters if c in out)
+  if keep is not None:
+    x = _dropout(x, keep)
+  with jax.named_scope("jlora/low_rank"):
+    u = jnp.einsum(f"{x_letters},{r}{contracted}->{kept}{r}", x, a_full) * factors.scale
+    return base + jnp.einsum(f"{kept}{r},{r}{features}->{out}", u, b_full).astype(base.dtype)
+
+
+def _conv_branch(conv_a: Callable, x, a, b, kernel_shape, factors: LoraFactors, keep=None):
+  """s·conv(x, A)·B: A as a conv with the base window and `rank` features, B as a 1×1."""
+  a_kernel = a.astype(x.dtype).T.reshape((*kernel_shape[:-1], a.shape[0]))
+  if keep is not None:
+    x = _dropout(x, keep)
+  with jax.named_scope("jlora/low_rank"):
+    u = conv_a(x, a_kernel)
+    v = u.reshape(-1, u.shape[-1]) @ (b.astype(x.dtype) * factors.scale)
+  return v.reshape((*u.shape[:-1], b.shape[-1]))
+
+
+def _embed_branch(ids, a, b, factors: LoraFactors, dtype):
+  with jax.named_scope("jlora/low_rank"):
+    u = jnp.take(a.T, ids, axis=0).astype(dtype) * factors.scale
+    return (u.reshape(-1, a.shape[0]) @ b.astype(dtype)).reshape((*ids.shape, b.shape[-1]))
+
+
+def _attend_branch(q, a, b, factors: LoraFactors):
+  with jax.named_scope("jlora/low_rank"):
+    q2 = q.reshape(-1, q.shape[-1])
+    u = jax.lax.dot_general(q2, b.astype(q.dtype), _DN) * factors.scale
+    return (u @ a.astype(q.dtype)).reshape((*q.shape[:-1], a.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and fallbacks.
+
+
+def _check_roles(path: str, expected, factors: LoraFactors) -> None:
+  recorded = factors.roles.unstacked()
+  if expected is not None and (expected.kind, expected.contracting, expected.features) != (
+      recorded.kind, recorded.contracting, recorded.features):
+    raise ValueError(
+        f"{path}: the adapter records axis roles {recorded} for one layer's kernel, but the "
+        f"module that uses it contracts {expected}. Fix: make the adapter with "
+        "jlora.init(key, variables, config, model.apply, x) for this model."
+    )
+
+
+def _warn_fallback(paths) -> None:
+  warnings.warn(
+      f"jlora.wrap: no factored rule for {', '.join(sorted(paths))}; these kernels are merged "
+      "(W + s·AᵀB), so their updates train through a full weight gradient.",
+      stacklevel=3,
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Linen.
+
+
+def _inject(variables, adapter: Adapter):
+  """The variables with each kernel's factors beside it, stacked axes where the kernel has them."""
+  flat = traverse_util.flatten_dict(unfreeze(variables), sep="/")
+  for path, factors in adapter.lora.items():
+    stacked = factors.roles.stacked
+    positions = tuple(range(len(stacked)))
+    flat[path + _A] = jnp.moveaxis(factors.a, positions, stacked)
+    flat[path + _B] = jnp.moveaxis(factors.b, positions, stacked)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _linen_dropout(module, factors: LoraFactors):
+  if factors.dropout and module.has_rng(DROPOUT_RNG):
+    return factors.dropout, module.make_rng(DROPOUT_RNG)
+  return None
+
+
+def _linen_rule(module, method: str, args, kwargs, next_fun, factors: LoraFactors, path: str):
+  name = kernel_name(module)
+  kernel = module.get_variable("params", name)
+  _check_roles(path, linen_roles(module, kernel.ndim, path), factors)
+  a, b = module.get_variable("params", name + _A), module.get_variable("params", name + _B)
+  x = args[0] if args else kwargs["inputs"]
+  if isinstance(module, nn.Embed):
+    y = next_fun(*args, **kwargs)
+    branch = _attend_branch(x, a, b, factors) if method == "attend" else _embed_branch(
+        x, a, b, factors, y.dtype)
+    return y + branch.astype(y.dtype)
+  keep = _linen_dropout(module, factors)
+  if isinstance(module, nn.Einsum):
+    return einsum_product(module.einsum_str, x, a, b, factors, next_fun(*args, **kwargs),
+                          keep=keep)
+  if isinstance(module, nn.Conv):
+    y = next_fun(*args, **kwargs)
+    conv_a = module.clone(parent=None, features=a.shape[0], use_bias=False)
+    apply_a = lambda x, k: conv_a.apply({"params": {"kernel": k}}, x)  # noqa: E731
+    return y + _conv_branch(apply_a, x, a, b, kernel.shape, factors, keep).astype(y.dtype)
+  in_axes = (-1,) if isinstance(module, nn.Dense) else tuple(
+      module.axis if isinstance(module.axis, tuple | list) else (module.axis,))
+  if keep is None and _mergeable(module, x, kernel):
+    y = dense_product(x, in_axes, kernel, a, b, factors, None, precision=module.precision)
+    if module.use_bias:
+      bias = module.get_variable("params", "bias")
+      y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    return y
+  return dense_product(x, in_axes, kernel, a, b, factors, next_fun(*args, **kwargs), keep=keep)
+
+
+def _mergeable(module, x, kernel) -> bool:
+  """Whether the merged custom-VJP product computes exactly what the module would."""
+  f32 = jnp.dtype(jnp.float32)
+  return (x.dtype == f32 and kernel.dtype == f32 and module.dtype in (None, f32)
+          and getattr(module, "dot_general", None) is None
+          and getattr(module, "dot_general_cls", None) is None)
+
+
+def _linen_interceptor(adapter: Adapter, seen: dict[str, bool]):
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    method = context.method_name
+    if isinstance(module, _LINEN_MODULES) and method in ("__call__", "attend"):
+      path = module_path(module)
+      factors = adapter.lora.get(path)
+      if factors is not None:
+        seen[path] = True
+        return _linen_rule(module, method, args, kwargs, next_fun, factors, path)
+    for name in ("kernel", "embedding"):
+      path = "/".join(("params", *module.path, name))
+      if path in adapter.lora:
+        seen.setdefault(path, False)
+    return next_fun(*args, **kwargs)
+
+  return intercept
+
+
+def _without(adapter: Adapter, paths) -> Adapter:
+  return Adapter(lora={p: f for p, f in adapter.lora.items() if p not in paths},
+                 extras=adapter.extras)
+
+
+def _only(adapter: Adapter, paths) -> Adapter:
+  return Adapter(lora={p: adapter.lora[p] for p in paths}, extras=adapter.extras)
+
+
+def _unused_error(paths) -> ValueError:
+  return ValueError(
+      f"jlora.wrap: the adapter's kernels {', '.join(sorted(paths))} are not used by any module "
+      "when the model runs. Fix: make the adapter for this model and pass the tree given to "
+      "jlora.init (for model.apply, the variables dict {'params': ...})."
+  )
+
+
+def _classify(apply_fn, variables, adapter, args, kwargs) -> tuple[set, set]:
+  """Runs the model abstractly: which adapter paths have a factored rule, which need merging."""
+  seen: dict[str, bool] = {}
+  with nn.intercept_methods(_linen_interceptor(adapter, seen)):
+    jax.eval_shape(lambda v, a, k: apply_fn(v, *a, **k), _inject(variables, adapter), args,
+                   kwargs)
+  unused = set(adapter.lora) - set(seen)
+  if unused:
+    raise _unused_error(unused)
+  return {p for p, ok in seen.items() if ok}, {p for p, ok in seen.items() if not ok}
+
+
+def _wrap_linen(apply_fn: Callable[..., Any]):
+  @functools.wraps(apply_fn)
+  def lora_apply(variables, adapter: Adapter, *args, **kwargs):
+    check_fits(variables, adapter)
+    factored, fallback = _classify(apply_fn, variables, adapter, args, kwargs)
+    if fallback:
+      _warn_fallback(fallback)
+    variables = merge(variables, _only(adapter, fallback))  # also sets the trained extras
+    adapter = _without(adapter, fallback)
+    with nn.intercept_methods(_linen_interceptor(adapter, {})):
+      return apply_fn(_inject(variables, adapter), *args, **kwargs)
+
+  return lora_apply
+
+
+# ----------------------------------------------------------------------------------------------
+# NNX.
+
+
+class _LoraDotGeneral:
+  """An nnx.Linear/LinearGeneral ``dot_general`` that adds the low-rank update."""
+
+  def __init__(self, base, kernel, factors: LoraFactors, keep):
+    self.base, self.kernel, self.factors, self.keep = base, kernel, factors, keep
+
+  def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
+    (x_axes, _), _ = dimension_numbers
+    f = self.factors
+    if self.keep is None and not kwargs.get("preferred_element_type") and _f32(x, kernel):
+      return dense_product(x, x_axes, kernel, f.a, f.b, f, None, precision=precision)
+    base = self.base(x, kernel, dimension_numbers, precision=precision, **kwargs)
+    return dense_product(x, x_axes, kernel, f.a, f.b, f, base, keep=self.keep)
+
+
+def _f32(*arrays) -> bool:
+  return all(x.dtype == jnp.float32 for x in arrays)
+
+
+class _LoraEinsum:
+  def __init__(self, base, factors: LoraFactors, keep):
+    self.base, self.factors, self.keep = base, factors, keep
+
+  def __call__(self, spec, x, kernel, **kwargs):
+    f = self.factors
+    return einsum_product(spec, x, f.a, f.b, f, self.base(spec, x, kernel, **kwargs),
+                          keep=self.keep)
+
+
+class _LoraConv:
+  def __init__(self, base, factors: LoraFactors, keep):
+    self.base, self.factors, self.keep = base, factors, keep
+
+  def __call__(self, x, kernel, *args, **kwargs):
+    f = self.factors
+    apply_a = lambda x, k: self.base(x, k, *args, **kwargs)  # noqa: E731
+    y = self.base(x, kernel, *args, **kwargs)
+    return y + _conv_branch(apply_a, x, f.a, f.b, kernel.shape, f, self.keep).astype(y.dtype)
+
+
+def _patch_nnx(module, path: str, factors: LoraFactors, keep) -> bool:
+  """Sets the LoRA op on the module's injection point; False if it has none."""
+  kernel = getattr(module, kernel_name(module))[...]
+  _check_roles(path, nnx_roles(module, kernel.ndim, path), factors)
+  if factors.roles.stacked or isinstance(module, nnx.Embed):
+    return False
+  if isinstance(module, nnx.Linear | nnx.LinearGeneral):
+    module.dot_general = _LoraDotGeneral(module.dot_general, kernel, factors, keep)
+  elif isinstance(module, nnx.Einsum):
+    module.einsum_op = _LoraEinsum(module.einsum_op, factors, keep)
+  elif isinstance(module, nnx.Conv):
+    module.conv_general_dilated = _LoraConv(module.conv_general_dilated, factors, keep)
+  else:
+    return False
+  return True
+
+
+def _wrap_nnx(graphdef, method: str):
+  def lora_apply(state, adapter: Adapter, *args, dropout_key: jax.Array | None = None, **kwargs):
+    check_fits(state, adapter)
+    model = nnx.merge(graphdef, merge(state, Adapter(lora={}, extras=adapter.extras)))
+    modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model)
+               if isinstance(m, nnx.Module)}
+    fallback = []
+    for i, (path, factors) in enumerate(sorted(adapter.lora.items())):
+      module = modules.get(path.rsplit("/", 1)[0])
+      if module is None or kernel_name(module) != path.rsplit("/", 1)[1]:
+        raise _unused_error([path])
+      keep = None
+      if dropout_key is not None and factors.dropout:
+        keep = (factors.dropout, jax.random.fold_in(dropout_key, i))
+      if not _patch_nnx(module, path, factors, keep):
+        fallback.append(path)
+    if fallback:
+      _warn_fallback(fallback)
+      merged = merge(nnx.state(model), _only(adapter, fallback))
+      nnx.update(model, merged)
+    return getattr(model, method)(*args, **kwargs)
+
+  return lora_apply
+
+
+def wrap(apply_fn: Callable[..., Any] | nnx.GraphDef | nnx.Module, *, method: str = "__call__"):
+  """Turns a model's apply function into one that also takes an adapter, factored.
+
+  For linen, `jlora.wrap(model.apply)(variables, adapter, *args, **kwargs)` equals
+  `model.apply(jlora.merge(variables, adapter), *args, **kwargs)` in outputs, and its
+  gradients with respect to the adapter are those of the merged model, but no kernel is ever
+  differentiated. LoRA dropout is on only when the call gets a ``"lora_dropout"`` rng
+  (`rngs={"lora_dropout": key}`); nn.scan users add that name to ``split_rngs`` for
+  per-layer masks.
+
+  For NNX, pass the graphdef (or the module): `jlora.wrap(graphdef)(state, adapter, *args,
+  dropout_key=None, **kwargs)` runs `nnx.merge(graphdef, state)` with the update added to each
+  adapted Linear, LinearGeneral, Einsum and Conv.
+
+  Kernels whose module has no factored rule (a custom module, NNX Embed, stacked NNX
+  layers) are merged instead, with a warning naming them.
+
+  Args:
+    apply_fn: a linen ``model.apply``, or an NNX graphdef or module.
+    method: for NNX, the name of the module method to call.
+
+  Returns:
+    A function ``(tree given to jlora.init, adapter, *args, **kwargs) -> outputs``.
+
+  Raises:
+    ValueError: when called, if an adapter path is not in the tree, is used by no module, or
+      its recorded axis roles differ from those of the module that uses it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+    >>> model = nn.Dense(3)
+    >>> x = jnp.ones((2, 4))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> config = jlora.LoraConfig(rank=2, alpha=4.0, targets=".*kernel")
+    >>> adapter = jlora.init(jax.random.key(1), variables, config)
+    >>> y = jax.jit(jlora.wrap(model.apply))(variables, adapter, x)
+    >>> bool(jnp.allclose(y, model.apply(jlora.merge(variables, adapter), x)))
+    True
+  """
+  if isinstance(apply_fn, nnx.Module):
+    apply_fn = nnx.graphdef(apply_fn)
+  if isinstance(apply_fn, nnx.GraphDef):
+    return _wrap_nnx(apply_fn, method)
+  return _wrap_linen(apply_fn)
