@@ -129,7 +129,7 @@ def nnx_roles(module: nnx.Module, ndim: int, path: str) -> AxisRoles | None:
   if isinstance(module, nnx.Linear):
     return AxisRoles("dense", (0,), (1,))
   if isinstance(module, nnx.LinearGeneral):
-    return _dense_general_roles(len(_as_tuple(module.batch_axis)), len(_as_tuple(module.axis)),
+    return _dense_general_roles(len(module.batch_axis), len(_as_tuple(module.axis)),
                                 ndim, path)
   if isinstance(module, nnx.Einsum):
     return _einsum_roles(module.einsum_str, path)
