@@ -14,6 +14,11 @@
 from jlora.adapter import Adapter as Adapter
 from jlora.adapter import LoraFactors as LoraFactors
 from jlora.adapter import init as init
+from jlora.analysis import amplification as amplification
+from jlora.analysis import effective_rank as effective_rank
+from jlora.analysis import numerical_rank as numerical_rank
+from jlora.analysis import subspace_similarity as subspace_similarity
+from jlora.analysis import subspace_similarity_grid as subspace_similarity_grid
 from jlora.config import LoraConfig as LoraConfig
 from jlora.factored import wrap as wrap
 from jlora.merge import delta as delta
@@ -22,6 +27,8 @@ from jlora.merge import num_params as num_params
 from jlora.merge import unmerge as unmerge
 from jlora.optim import labels as labels
 from jlora.optim import lora_plus as lora_plus
+from jlora.rank_search import RankSearchResult as RankSearchResult
+from jlora.rank_search import search_rank as search_rank
 from jlora.roles import AxisRoles as AxisRoles
 from jlora.summary import summary as summary
 
@@ -32,12 +39,19 @@ __all__ = [
     "AxisRoles",
     "LoraConfig",
     "LoraFactors",
+    "RankSearchResult",
+    "amplification",
     "delta",
+    "effective_rank",
     "init",
     "labels",
     "lora_plus",
     "merge",
     "num_params",
+    "numerical_rank",
+    "search_rank",
+    "subspace_similarity",
+    "subspace_similarity_grid",
     "summary",
     "unmerge",
     "wrap",

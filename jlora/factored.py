@@ -64,19 +64,34 @@ def _merged_matmul_bwd(scale, precision, residuals, g):
 _merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
 
 
-def _low_rank(x2, a, b, scale, keep):
-  """s·((x·Aᵀ)·B) for x of shape (tokens, fan_in), in x's dtype, with optional dropout."""
-  with jax.named_scope("jlora/low_rank"):
-    if keep is not None:
-      x2 = _dropout(x2, keep)
-    u = jax.lax.dot_general(x2, a.astype(x2.dtype), _DN)
-    return (u * jnp.asarray(scale, u.dtype)) @ b.astype(x2.dtype)
-
-
 def _dropout(x, keep):
+  if keep is None:
+    return x
   rate, key = keep
   mask = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(mask, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _per_example(branch, x, a, b):
+  """`branch(x, a, b)`, or, for per-example factors (a leading batch axis on a and b, as
+  `jlora.route` makes), each example of x through its own factors: a batched contraction."""
+  if a.ndim == 2:
+    return branch(x, a, b)
+  return jax.vmap(lambda xi, ai, bi: branch(xi[None], ai, bi)[0])(x, a, b)
+
+
+def _dense_branch(in_axes, out_dims, scale):
+  """x -> s·((x·Aᵀ)·B) with the contracted axes flattened: the LoRA input is (tokens, fan_in)."""
+
+  def branch(x, a, b):
+    n = len(in_axes)
+    moved = jnp.moveaxis(x, tuple(ax % x.ndim for ax in in_axes), tuple(range(x.ndim - n,
+                                                                             x.ndim)))
+    x2 = moved.reshape(-1, a.shape[-1])
+    u = jax.lax.dot_general(x2, a.astype(x.dtype), _DN) * jnp.asarray(scale, x.dtype)
+    return (u @ b.astype(x.dtype)).reshape(moved.shape[:-n] + out_dims)
+
+  return branch
 
 
 def dense_product(x, in_axes, kernel, a, b, factors: LoraFactors, base, *, precision=None,
@@ -84,62 +99,69 @@ def dense_product(x, in_axes, kernel, a, b, factors: LoraFactors, base, *, preci
   """x·W + s·(x·Aᵀ)·B for a kernel whose contracted axes lead, output in DenseGeneral layout.
 
   `base` is the module's own x·W (with bias), or None to compute x·(W + s·AᵀB) in one
-  custom-VJP product (float32, no dropout).
+  custom-VJP product (float32, no dropout, one adapter for the whole batch).
   """
   n = len(in_axes)
-  in_axes = tuple(ax % x.ndim for ax in in_axes)
-  moved = jnp.moveaxis(x, in_axes, tuple(range(x.ndim - n, x.ndim)))
-  batch, out_dims = moved.shape[:-n], kernel.shape[n:]
-  fan_in, fan_out = math.prod(kernel.shape[:n]), math.prod(out_dims)
-  x2 = moved.reshape(-1, fan_in)
+  out_dims = kernel.shape[n:]
   if base is None:
+    moved = jnp.moveaxis(x, tuple(ax % x.ndim for ax in in_axes),
+                         tuple(range(x.ndim - n, x.ndim)))
+    fan_in, fan_out = math.prod(kernel.shape[:n]), math.prod(out_dims)
     with jax.named_scope("jlora/merged"):
-      y2 = _merged_matmul(x2, kernel.reshape(fan_in, fan_out), a, b, factors.scale, precision)
-    return y2.reshape(batch + out_dims)
-  return base + _low_rank(x2, a, b, factors.scale, keep).reshape(batch + out_dims).astype(
-      base.dtype)
+      y2 = _merged_matmul(moved.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out), a, b,
+                          factors.scale, precision)
+    return y2.reshape(moved.shape[:-n] + out_dims)
+  in_axes = tuple(ax % x.ndim - x.ndim for ax in in_axes)  # negative: valid per example too
+  with jax.named_scope("jlora/low_rank"):
+    branch = _dense_branch(in_axes, out_dims, factors.scale)
+    return base + _per_example(branch, _dropout(x, keep), a, b).astype(base.dtype)
 
 
-def einsum_product(spec: str, x, a, b, factors: LoraFactors, base, *, keep=None):
+def einsum_product(spec: str, x, kernel_shape, a, b, factors: LoraFactors, base, *, keep=None):
   """y + s·(x·Aᵀ)·B for an Einsum kernel, with A and B reshaped to the kernel's axes."""
   ins, out = spec.replace(" ", "").split("->")
   x_letters, k_letters = ins.split(",")
   r = next(c for c in string.ascii_letters if c not in spec)
   contracted = "".join(c for c in k_letters if c in x_letters)
   features = "".join(c for c in k_letters if c in out)
-  sizes = dict(zip(x_letters, x.shape)) | dict(zip(out, base.shape))
-  a_full = a.astype(x.dtype).reshape((a.shape[0], *(sizes[c] for c in contracted)))
-  b_full = b.astype(x.dtype).reshape((b.shape[0], *(sizes[c] for c in features)))
   kept = "".join(c for c in x_letters if c in out)
-  if keep is not None:
-    x = _dropout(x, keep)
-  with jax.named_scope("jlora/low_rank"):
+  sizes = dict(zip(k_letters, kernel_shape))
+
+  def branch(x, a, b):
+    a_full = a.astype(x.dtype).reshape((a.shape[0], *(sizes[c] for c in contracted)))
+    b_full = b.astype(x.dtype).reshape((b.shape[0], *(sizes[c] for c in features)))
     u = jnp.einsum(f"{x_letters},{r}{contracted}->{kept}{r}", x, a_full) * factors.scale
-    return base + jnp.einsum(f"{kept}{r},{r}{features}->{out}", u, b_full).astype(base.dtype)
+    return jnp.einsum(f"{kept}{r},{r}{features}->{out}", u, b_full)
 
-
-def _conv_branch(conv_a: Callable, x, a, b, kernel_shape, factors: LoraFactors, keep=None):
-  """s·conv(x, A)·B: A as a conv with the base window and `rank` features, B as a 1×1."""
-  a_kernel = a.astype(x.dtype).T.reshape((*kernel_shape[:-1], a.shape[0]))
-  if keep is not None:
-    x = _dropout(x, keep)
   with jax.named_scope("jlora/low_rank"):
-    u = conv_a(x, a_kernel)
-    v = u.reshape(-1, u.shape[-1]) @ (b.astype(x.dtype) * factors.scale)
-  return v.reshape((*u.shape[:-1], b.shape[-1]))
+    return base + _per_example(branch, _dropout(x, keep), a, b).astype(base.dtype)
 
 
-def _embed_branch(ids, a, b, factors: LoraFactors, dtype):
-  with jax.named_scope("jlora/low_rank"):
-    u = jnp.take(a.T, ids, axis=0).astype(dtype) * factors.scale
+def _conv_branch(conv_a: Callable, kernel_shape, scale):
+  """x -> s·conv(x, A)·B: A as a conv with the base window and `rank` features, B as a 1×1."""
+
+  def branch(x, a, b):
+    u = conv_a(x, a.astype(x.dtype).T.reshape((*kernel_shape[:-1], a.shape[0])))
+    v = u.reshape(-1, u.shape[-1]) @ (b.astype(x.dtype) * scale)
+    return v.reshape((*u.shape[:-1], b.shape[-1]))
+
+  return branch
+
+
+def _embed_branch(dtype, scale):
+  def branch(ids, a, b):
+    u = jnp.take(a.T, ids, axis=0).astype(dtype) * scale
     return (u.reshape(-1, a.shape[0]) @ b.astype(dtype)).reshape((*ids.shape, b.shape[-1]))
 
+  return branch
 
-def _attend_branch(q, a, b, factors: LoraFactors):
-  with jax.named_scope("jlora/low_rank"):
-    q2 = q.reshape(-1, q.shape[-1])
-    u = jax.lax.dot_general(q2, b.astype(q.dtype), _DN) * factors.scale
+
+def _attend_branch(scale):
+  def branch(q, a, b):
+    u = jax.lax.dot_general(q.reshape(-1, q.shape[-1]), b.astype(q.dtype), _DN) * scale
     return (u @ a.astype(q.dtype)).reshape((*q.shape[:-1], a.shape[-1]))
+
+  return branch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,21 +216,24 @@ def _linen_rule(module, method: str, args, kwargs, next_fun, factors: LoraFactor
   x = args[0] if args else kwargs["inputs"]
   if isinstance(module, nn.Embed):
     y = next_fun(*args, **kwargs)
-    branch = _attend_branch(x, a, b, factors) if method == "attend" else _embed_branch(
-        x, a, b, factors, y.dtype)
-    return y + branch.astype(y.dtype)
+    branch = _attend_branch(factors.scale) if method == "attend" else _embed_branch(
+        y.dtype, factors.scale)
+    with jax.named_scope("jlora/low_rank"):
+      return y + _per_example(branch, x, a, b).astype(y.dtype)
   keep = _linen_dropout(module, factors)
   if isinstance(module, nn.Einsum):
-    return einsum_product(module.einsum_str, x, a, b, factors, next_fun(*args, **kwargs),
-                          keep=keep)
+    return einsum_product(module.einsum_str, x, kernel.shape, a, b, factors,
+                          next_fun(*args, **kwargs), keep=keep)
   if isinstance(module, nn.Conv):
     y = next_fun(*args, **kwargs)
-    conv_a = module.clone(parent=None, features=a.shape[0], use_bias=False)
+    conv_a = module.clone(parent=None, features=a.shape[-2], use_bias=False)
     apply_a = lambda x, k: conv_a.apply({"params": {"kernel": k}}, x)  # noqa: E731
-    return y + _conv_branch(apply_a, x, a, b, kernel.shape, factors, keep).astype(y.dtype)
+    with jax.named_scope("jlora/low_rank"):
+      branch = _conv_branch(apply_a, kernel.shape, factors.scale)
+      return y + _per_example(branch, _dropout(x, keep), a, b).astype(y.dtype)
   in_axes = (-1,) if isinstance(module, nn.Dense) else tuple(
       module.axis if isinstance(module.axis, tuple | list) else (module.axis,))
-  if keep is None and _mergeable(module, x, kernel):
+  if keep is None and a.ndim == 2 and _mergeable(module, x, kernel):
     y = dense_product(x, in_axes, kernel, a, b, factors, None, precision=module.precision)
     if module.use_bias:
       bias = module.get_variable("params", "bias")
@@ -301,7 +326,8 @@ class _LoraDotGeneral:
   def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
     (x_axes, _), _ = dimension_numbers
     f = self.factors
-    if self.keep is None and not kwargs.get("preferred_element_type") and _f32(x, kernel):
+    if (self.keep is None and f.a.ndim == 2 and not kwargs.get("preferred_element_type")
+        and _f32(x, kernel)):
       return dense_product(x, x_axes, kernel, f.a, f.b, f, None, precision=precision)
     base = self.base(x, kernel, dimension_numbers, precision=precision, **kwargs)
     return dense_product(x, x_axes, kernel, f.a, f.b, f, base, keep=self.keep)
@@ -317,8 +343,8 @@ class _LoraEinsum:
 
   def __call__(self, spec, x, kernel, **kwargs):
     f = self.factors
-    return einsum_product(spec, x, f.a, f.b, f, self.base(spec, x, kernel, **kwargs),
-                          keep=self.keep)
+    return einsum_product(spec, x, kernel.shape, f.a, f.b, f,
+                          self.base(spec, x, kernel, **kwargs), keep=self.keep)
 
 
 class _LoraConv:
@@ -329,7 +355,9 @@ class _LoraConv:
     f = self.factors
     apply_a = lambda x, k: self.base(x, k, *args, **kwargs)  # noqa: E731
     y = self.base(x, kernel, *args, **kwargs)
-    return y + _conv_branch(apply_a, x, f.a, f.b, kernel.shape, f, self.keep).astype(y.dtype)
+    branch = _conv_branch(apply_a, kernel.shape, f.scale)
+    with jax.named_scope("jlora/low_rank"):
+      return y + _per_example(branch, _dropout(x, self.keep), f.a, f.b).astype(y.dtype)
 
 
 def _patch_nnx(module, path: str, factors: LoraFactors, keep) -> bool:
