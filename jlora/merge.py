@@ -74,6 +74,11 @@ def _fold(params: Params, adapter: Adapter, sign: float) -> Params:
   flat = check_fits(params, adapter)
   new = {}
   for path, factors in adapter.lora.items():
+    if factors.a.ndim != len(factors.roles.stacked) + 2:
+      raise ValueError(
+          f"{path}: these factors have a per-example axis (from jlora.route) and no single "
+          "update to merge. Fix: merge jlora.select(stacked, i) or a jlora.combine result."
+      )
     w = flat[path]
     new[path] = (w.astype(jnp.float32) + sign * delta(factors)).astype(w.dtype)
   return _tree.replace(params, new)
