@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,14 @@ from flax import nnx
 
 from jlora import _tree
 from jlora.config import LoraConfig
-from jlora.roles import AxisRoles, from_letters, nnx_roles, trace_roles, with_stack
+from jlora.roles import (
+    AxisRoles,
+    from_letters,
+    nnx_kernel_shape,
+    nnx_roles,
+    trace_roles,
+    with_stack,
+)
 
 Params = Any  # a pytree of arrays: a linen variables dict, a params dict or an nnx.State
 
@@ -90,6 +98,12 @@ def _sample_a(key, shape, dtype, scheme: str) -> jax.Array:
   return jax.random.normal(key, shape, dtype) / rank
 
 
+def _as_dtype(leaf, dtype):
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+  return jnp.asarray(leaf, dtype)
+
+
 def _is_embedding(path: str, leaf) -> bool:
   return path.rsplit("/", 1)[-1] == "embedding" and len(leaf.shape) == 2
 
@@ -105,6 +119,12 @@ def _roles_without_model(path: str, leaf, config: LoraConfig) -> AxisRoles:
     return from_letters(letters)
   if _is_embedding(path, leaf):
     return AxisRoles("embed", (0,), (1,))
+  if len(leaf.shape) < 2:
+    raise ValueError(
+        f"{path}: a leaf of shape {tuple(leaf.shape)} is not a kernel jlora can factor (a bias "
+        "or a norm scale has one axis and no low-rank update). Fix: narrow LoraConfig.targets, "
+        "or list it in LoraConfig.trainable to train it in full."
+    )
   if len(leaf.shape) == 2:
     return AxisRoles("dense", (0,), (1,))
   raise ValueError(
@@ -129,20 +149,24 @@ def _nnx_model_roles(model: nnx.Module, shapes: dict[str, tuple[int, ...]]):
       continue
     for name in ("kernel", "embedding"):
       path = "/".join(map(str, (*node_path, name)))
-      if path in shapes:
-        roles = nnx_roles(node, len(shapes[path]), path)
+      inner = nnx_kernel_shape(node)
+      if path in shapes and inner is not None:
+        roles = nnx_roles(node, len(inner), path)
         if roles is not None:
-          found[path] = roles
+          found[path] = with_stack(roles, inner, shapes[path], path)
   return found
 
 
 def _target_roles(targets, config, model, variables, args, kwargs) -> dict[str, AxisRoles]:
-  traced = {} if model is None else _model_roles(model, variables, targets, args, kwargs)
+  to_trace = {p: leaf for p, leaf in targets.items() if config.roles_for(p) is None}
+  traced = {}
+  if model is not None and to_trace:
+    traced = _model_roles(model, variables, to_trace, args, kwargs)
   roles = {}
   for path, leaf in targets.items():
-    if path in traced and config.roles_for(path) is None:
+    if path in traced:
       roles[path] = traced[path]
-    elif model is not None and config.roles_for(path) is None:
+    elif model is not None and path in to_trace:
       raise ValueError(
           f"{path} was selected by LoraConfig.targets, but no Dense, DenseGeneral, Einsum, Conv "
           "or Embed module uses it as its kernel when the model runs (a bias, a norm scale or an "
@@ -170,6 +194,16 @@ def _factor_shapes(path: str, shape, roles: AxisRoles, rank: int):
 def select_targets(flat: dict[str, Any], config: LoraConfig) -> dict[str, Any]:
   """{path: leaf} for every leaf that `config.targets` selects; errors when none is."""
   targets = {path: leaf for path, leaf in flat.items() if config.is_target(path, leaf)}
+  excluded = [path for path, leaf in flat.items()
+              if not callable(config.targets) and any(
+                  re.fullmatch(t, path) for t in config.targets) and path not in targets]
+  if not targets and excluded:
+    raise ValueError(
+        "LoraConfig.exclude removed every leaf that LoraConfig.targets matched.\n"
+        f"  matched, then excluded: {', '.join(excluded[:5])}\n"
+        f"  exclude: {' | '.join(config.exclude)!r}\n"
+        "  Fix: narrow LoraConfig.exclude."
+    )
   if not targets:
     shown = config.targets if callable(config.targets) else " | ".join(config.targets)
     wanted = "" if callable(config.targets) else shown
@@ -234,6 +268,6 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
         kernel_shape=tuple(leaf.shape),
         dropout=config.dropout,
     )
-  extras = {path: jnp.asarray(leaf, dtype) for path, leaf in flat.items()
+  extras = {path: _as_dtype(leaf, dtype) for path, leaf in flat.items()
             if config.is_trainable_extra(path) and path not in lora}
   return Adapter(lora=lora, extras=extras)

@@ -33,7 +33,12 @@ def _as_patterns(name: str, value: Any) -> Patterns:
 
 
 def _as_regexes(name: str, value: Any) -> tuple[str, ...]:
-  regexes = (value,) if isinstance(value, str) else tuple(value)
+  try:
+    regexes = (value,) if isinstance(value, str) else tuple(value)
+  except TypeError:
+    raise TypeError(
+        f"LoraConfig.{name} must be a regex or a sequence of regexes, got {value!r}."
+    ) from None
   for pattern in regexes:
     _check_regex(name, pattern)
   return regexes
@@ -128,16 +133,24 @@ class LoraConfig:
     for where, alpha in (("alpha", self.alpha), *self.alpha_pattern):
       if not isinstance(alpha, int | float) or not math.isfinite(alpha):
         raise ValueError(f"LoraConfig: alpha must be a finite number, got {alpha!r} for {where!r}.")
-    if not 0.0 <= self.dropout < 1.0:
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not (
+        0.0 <= self.dropout < 1.0):
       raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout=}.")
     if self.init not in INIT_SCHEMES:
       raise ValueError(
           f"LoraConfig: unknown init scheme {self.init!r}; choose one of {INIT_SCHEMES}."
       )
+    if not isinstance(self.use_rslora, bool):
+      raise TypeError(f"LoraConfig: use_rslora must be True or False, got {self.use_rslora!r}.")
     try:
-      jax.numpy.dtype(self.dtype)
+      floating = jax.numpy.issubdtype(jax.numpy.dtype(self.dtype), jax.numpy.floating)
     except TypeError:
-      raise ValueError(f"LoraConfig: {self.dtype=} is not a dtype name.") from None
+      floating = False
+    if not floating:
+      raise ValueError(
+          f"LoraConfig: {self.dtype=} is not a floating dtype; adapters train in floating "
+          "point. Fix: use 'float32' (the default) or 'bfloat16'."
+      )
     set_("dtype", jax.numpy.dtype(self.dtype).name)
     for pattern, letters in self.roles:
       if not isinstance(letters, str) or set(letters) - set(AXIS_LETTERS) or "i" not in letters \
@@ -192,7 +205,7 @@ class LoraConfig:
     return cls(**data)
 
   def to_json(self) -> str:
-    return json.dumps(self.to_dict(), sort_keys=True)
+    return json.dumps(self.to_dict())  # key order is match order
 
   @classmethod
   def from_json(cls, text: str) -> LoraConfig:

@@ -2,7 +2,7 @@
 
 Every adapted contraction computes y = x·W + s·((x·Aᵀ)·B) with the LoRA input flattened to
 (tokens, fan_in), or, for a float32 Dense/DenseGeneral kernel with dropout off, the merged form
-y = x·(W + s·AᵀB) inside one `jax.custom_vjp` whose backward forms dx = g·(W + s·AᵀB)ᵀ and the
+y = x·(W + s·AᵀB) inside one `jax.custom_vjp` whose backward forms dx = g·Wᵀ + s·(g·Bᵀ)·A and the
 adapter gradients from rank-r products only. Either way no (fan_in × fan_out) weight gradient is
 formed and W gets none (its cotangent is zero by construction: W is frozen).
 
@@ -53,10 +53,14 @@ def _merged_matmul_fwd(x, w, a, b, scale, precision):
 
 
 def _merged_matmul_bwd(scale, precision, residuals, g):
+  # dx = g·(W + s·AᵀB)ᵀ = g·Wᵀ + s·(g·Bᵀ)·A: the merged kernel is not kept for the backward
+  # (XLA would otherwise hold every layer's W + s·AᵀB from forward to backward), and g·Bᵀ is
+  # shared with dA. Every adapter gradient is a rank-r product.
   x, w, a, b = residuals
   with jax.named_scope("jlora/merged_bwd"):
-    dx = jax.lax.dot_general(g, w + scale * (a.T @ b), _DN, precision=precision)
-    da = scale * jax.lax.dot_general(g, b, _DN, precision=precision).T @ x
+    gb = jax.lax.dot_general(g, b, _DN, precision=precision) * scale  # (tokens, rank)
+    dx = jax.lax.dot_general(g, w, _DN, precision=precision) + gb @ a
+    da = gb.T @ x
     db = scale * jax.lax.dot_general(x, a, _DN, precision=precision).T @ g
   return dx, None, da, db
 
@@ -320,8 +324,8 @@ def _wrap_linen(apply_fn: Callable[..., Any]):
 class _LoraDotGeneral:
   """An nnx.Linear/LinearGeneral ``dot_general`` that adds the low-rank update."""
 
-  def __init__(self, base, kernel, factors: LoraFactors, keep):
-    self.base, self.kernel, self.factors, self.keep = base, kernel, factors, keep
+  def __init__(self, base, factors: LoraFactors, keep):
+    self.base, self.factors, self.keep = base, factors, keep
 
   def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
     (x_axes, _), _ = dimension_numbers
@@ -367,7 +371,10 @@ def _patch_nnx(module, path: str, factors: LoraFactors, keep) -> bool:
   if factors.roles.stacked or isinstance(module, nnx.Embed):
     return False
   if isinstance(module, nnx.Linear | nnx.LinearGeneral):
-    module.dot_general = _LoraDotGeneral(module.dot_general, kernel, factors, keep)
+    if getattr(module, "dot_general_cls", None) is not None:
+      return False  # Flax builds its dot from the class and ignores `dot_general`
+    base = module.dot_general or jax.lax.dot_general
+    module.dot_general = _LoraDotGeneral(base, factors, keep)
   elif isinstance(module, nnx.Einsum):
     module.einsum_op = _LoraEinsum(module.einsum_op, factors, keep)
   elif isinstance(module, nnx.Conv):
@@ -385,8 +392,9 @@ def _wrap_nnx(graphdef, method: str):
                if isinstance(m, nnx.Module)}
     fallback = []
     for i, (path, factors) in enumerate(sorted(adapter.lora.items())):
-      module = modules.get(path.rsplit("/", 1)[0])
-      if module is None or kernel_name(module) != path.rsplit("/", 1)[1]:
+      module_key, _, name = path.rpartition("/")
+      module = modules.get(module_key)
+      if module is None or kernel_name(module) != name:
         raise _unused_error([path])
       keep = None
       if dropout_key is not None and factors.dropout:

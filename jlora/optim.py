@@ -15,6 +15,12 @@ def labels(adapter: Adapter) -> Adapter:
 
   Use it with `optax.multi_transform` or `optax.partition` to treat the parts differently.
 
+  Args:
+    adapter: an adapter from `jlora.init`.
+
+  Returns:
+    An `Adapter` of the same structure whose leaves are label strings.
+
   Example:
     >>> import jax, jax.numpy as jnp, jlora
     >>> params = {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}

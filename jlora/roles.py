@@ -138,6 +138,20 @@ def nnx_roles(module: nnx.Module, ndim: int, path: str) -> AxisRoles | None:
   return None
 
 
+def nnx_kernel_shape(module: nnx.Module) -> tuple[int, ...] | None:
+  """The kernel shape an NNX layer computes with (one layer of a stack), from its attributes."""
+  as_tuple = lambda x: tuple(x) if isinstance(x, tuple | list) else (x,)  # noqa: E731
+  if isinstance(module, nnx.Embed):
+    return (module.num_embeddings, module.features)
+  if isinstance(module, nnx.Linear):
+    return (module.in_features, module.out_features)
+  if isinstance(module, nnx.LinearGeneral):
+    return as_tuple(module.in_features) + as_tuple(module.out_features)
+  if isinstance(module, nnx.Einsum | nnx.Conv):
+    return tuple(module.kernel_shape)
+  return None
+
+
 def kernel_name(module) -> str:
   return "embedding" if isinstance(module, nn.Embed | nnx.Embed) else "kernel"
 

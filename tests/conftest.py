@@ -68,7 +68,7 @@ class TinyNNX(nnx.Module):
     return self.head(x)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_lm():
   """(model, variables, ids) of `TinyLM`."""
   model = TinyLM()
@@ -76,7 +76,7 @@ def tiny_lm():
   return model, model.init(jax.random.key(0), ids), ids
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_nnx():
   """(graphdef, state, ids) of `TinyNNX`."""
   graphdef, state = nnx.split(TinyNNX(nnx.Rngs(0)))
