@@ -19,6 +19,10 @@ from jlora.analysis import effective_rank as effective_rank
 from jlora.analysis import numerical_rank as numerical_rank
 from jlora.analysis import subspace_similarity as subspace_similarity
 from jlora.analysis import subspace_similarity_grid as subspace_similarity_grid
+from jlora.checkpoint import Restored as Restored
+from jlora.checkpoint import checkpoint_manager as checkpoint_manager
+from jlora.checkpoint import restore as restore
+from jlora.checkpoint import save as save
 from jlora.config import LoraConfig as LoraConfig
 from jlora.factored import wrap as wrap
 from jlora.merge import delta as delta
@@ -27,6 +31,15 @@ from jlora.merge import num_params as num_params
 from jlora.merge import unmerge as unmerge
 from jlora.optim import labels as labels
 from jlora.optim import lora_plus as lora_plus
+from jlora.multi import AdapterStack as AdapterStack
+from jlora.multi import Truncation as Truncation
+from jlora.multi import combine as combine
+from jlora.multi import route as route
+from jlora.multi import select as select
+from jlora.multi import stack as stack
+from jlora.multi import truncate as truncate
+from jlora.peft import export_peft as export_peft
+from jlora.peft import import_peft as import_peft
 from jlora.rank_search import RankSearchResult as RankSearchResult
 from jlora.rank_search import search_rank as search_rank
 from jlora.roles import AxisRoles as AxisRoles
@@ -36,23 +49,36 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdapterStack",
     "AxisRoles",
     "LoraConfig",
     "LoraFactors",
     "RankSearchResult",
+    "Restored",
+    "Truncation",
     "amplification",
+    "checkpoint_manager",
+    "combine",
     "delta",
     "effective_rank",
+    "export_peft",
+    "import_peft",
     "init",
     "labels",
     "lora_plus",
     "merge",
     "num_params",
     "numerical_rank",
+    "restore",
+    "route",
+    "save",
     "search_rank",
+    "select",
+    "stack",
     "subspace_similarity",
     "subspace_similarity_grid",
     "summary",
+    "truncate",
     "unmerge",
     "wrap",
 ]

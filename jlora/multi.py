@@ -68,6 +68,15 @@ class Truncation(NamedTuple):
     adapter: the truncated adapter (scale 1.0, the given rank at every path).
     error: ``{path: ‖ΔW − ΔW_rank‖_F}``, the Frobenius norm of the dropped singular values
       (over all layers of a stacked kernel), as float32 scalars.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"fc": {"kernel": jnp.zeros((8, 6))}}
+    >>> adapter = jlora.init(jax.random.key(0), params,
+    ...                      jlora.LoraConfig(rank=4, alpha=4.0, targets="fc/kernel"))
+    >>> result = jlora.truncate(adapter, 2)
+    >>> result.adapter.lora["fc/kernel"].rank, float(result.error["fc/kernel"])  # B = 0
+    (2, 0.0)
   """
 
   adapter: Adapter
@@ -156,10 +165,12 @@ def _check_stack(where: str, stacked) -> None:
 
 def _check_index(where: str, index, size: int, name: str):
   """(`index` as an int32 array, its NumPy value or None if traced); concrete: in [-1, size)."""
+  if isinstance(index, list | tuple):
+    index = np.asarray(index) if len(index) else np.zeros((0,), np.int32)
   dtype = jnp.result_type(index)
   if not jnp.issubdtype(dtype, jnp.integer):
-    raise TypeError(f"{where}: {name} must be integers, got dtype {dtype}. Fix: pass int ids, "
-                    "-1 for the base model.")
+    raise TypeError(f"{where}: {name} must have an integer dtype, got {dtype}. Fix: pass "
+                    "adapter indices as ints, -1 for the base model.")
   try:
     concrete = np.asarray(index)
   except jax.errors.TracerArrayConversionError:
@@ -212,7 +223,9 @@ def stack(adapters: Sequence[Adapter], *, allow_subsets: bool = False) -> Adapte
 
   Training a stack (mixed batches through `route`) trains the folded B: its gradient is that
   of the unfolded B divided by s, so with Adam give B s times the learning rate to keep the
-  dynamics of the adapters trained alone.
+  dynamics of the adapters trained alone. `stack` runs under `jax.jit` too; for many adapters
+  of different ranks, ``jax.jit(jlora.stack)(adapters)`` compiles once instead of dispatching
+  small ops per adapter and path.
 
   Args:
     adapters: adapters made for the same base (same paths, kernel shapes and axis roles).
@@ -314,8 +327,11 @@ def route(stacked: AdapterStack, ids: jax.typing.ArrayLike) -> Adapter:
   `jlora.wrap` applies example b's factors to example b of every input, through one batched
   contraction (no loop over sub-batches), for Dense, DenseGeneral, Einsum, Conv, Embed (lookup
   and ``attend``) and `nn.scan` stacks. The batch axis must be the leading axis of every
-  input and output of the apply function; for another layout, move it to the front (e.g.
-  ``jnp.moveaxis``) around the call. `merge` does not take the result.
+  input and output of the apply function, and of the input of every adapted module inside it
+  (a model that runs time-major inside, or folds the batch into another axis, breaks this:
+  move the batch to the front around such code, e.g. with ``jnp.moveaxis``, or use
+  `jlora.select` per sub-batch). `merge` does not take the result; modules without a
+  factored rule (custom modules, NNX Embed, stacked NNX layers) cannot take it either.
 
   Gradients through a routed batch reach adapter k only from the examples with ``ids == k``,
   so one step trains several adapters on a mixed batch: differentiate with respect to the
