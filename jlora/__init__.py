@@ -29,8 +29,6 @@ from jlora.merge import delta as delta
 from jlora.merge import merge as merge
 from jlora.merge import num_params as num_params
 from jlora.merge import unmerge as unmerge
-from jlora.optim import labels as labels
-from jlora.optim import lora_plus as lora_plus
 from jlora.multi import AdapterStack as AdapterStack
 from jlora.multi import Truncation as Truncation
 from jlora.multi import combine as combine
@@ -38,6 +36,8 @@ from jlora.multi import route as route
 from jlora.multi import select as select
 from jlora.multi import stack as stack
 from jlora.multi import truncate as truncate
+from jlora.optim import labels as labels
+from jlora.optim import lora_plus as lora_plus
 from jlora.peft import export_peft as export_peft
 from jlora.peft import import_peft as import_peft
 from jlora.rank_search import RankSearchResult as RankSearchResult

@@ -256,7 +256,7 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
   targets = select_targets(flat, config)
   roles = _target_roles(targets, config, model, params, example_args, example_kwargs)
   dtype = jnp.dtype(config.dtype)
-  keys = dict(zip(targets, jax.random.split(key, len(targets))))
+  keys = dict(zip(targets, jax.random.split(key, len(targets)), strict=True))
   lora = {}
   for path, leaf in targets.items():
     a_shape, b_shape = _factor_shapes(path, leaf.shape, roles[path], config.rank_for(path))

@@ -15,6 +15,7 @@ models are run through `nnx.merge` with the public injection points of their lay
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import string
@@ -28,15 +29,15 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.core import unfreeze
 
-from jlora import _tree
 from jlora.adapter import Adapter, LoraFactors
 from jlora.merge import check_fits, merge
-from jlora.roles import kernel_name, linen_roles, module_path, nnx_roles
+from jlora.roles import einsum_spec, eval_shape, kernel_name, linen_roles, module_path, nnx_roles
 
 _LINEN_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 _A, _B = "_lora_a", "_lora_b"
 _DN = (((1,), (1,)), ((), ()))  # (T, n) x (r, n) -> (T, r): contract the last axes of both
 DROPOUT_RNG = "lora_dropout"
+_BYPASS = contextvars.ContextVar("jlora_bypass", default=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def _merged_matmul_bwd(scale, precision, residuals, g):
     dx = jax.lax.dot_general(g, w, _DN, precision=precision) + gb @ a
     da = gb.T @ x
     db = scale * jax.lax.dot_general(x, a, _DN, precision=precision).T @ g
-  return dx, None, da, db
+  return dx, None, da.astype(a.dtype), db.astype(b.dtype)
 
 
 _merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
@@ -129,7 +130,7 @@ def einsum_product(spec: str, x, kernel_shape, a, b, factors: LoraFactors, base,
   contracted = "".join(c for c in k_letters if c in x_letters)
   features = "".join(c for c in k_letters if c in out)
   kept = "".join(c for c in x_letters if c in out)
-  sizes = dict(zip(k_letters, kernel_shape))
+  sizes = dict(zip(k_letters, kernel_shape, strict=True))
 
   def branch(x, a, b):
     a_full = a.astype(x.dtype).reshape((a.shape[0], *(sizes[c] for c in contracted)))
@@ -212,12 +213,29 @@ def _linen_dropout(module, factors: LoraFactors):
   return None
 
 
+def _has_rule(module, method: str) -> bool:
+  """Whether a factored rule computes exactly what this module's `method` does.
+
+  Subclasses that override the method, and masked convolutions (no low-rank form of
+  (W + s·AᵀB)·mask), are left to the merged fallback.
+  """
+  if _BYPASS.get() or method not in ("__call__", "attend"):
+    return False
+  for base in _LINEN_MODULES:
+    if isinstance(module, base):
+      own = getattr(type(module), method, None)
+      return own is not None and own is getattr(base, method, None) and getattr(
+          module, "mask", None) is None
+  return False
+
+
 def _linen_rule(module, method: str, args, kwargs, next_fun, factors: LoraFactors, path: str):
   name = kernel_name(module)
   kernel = module.get_variable("params", name)
-  _check_roles(path, linen_roles(module, kernel.ndim, path), factors)
+  spec = einsum_spec(module, args, kwargs) if isinstance(module, nn.Einsum) else None
+  _check_roles(path, linen_roles(module, kernel.ndim, path, spec), factors)
   a, b = module.get_variable("params", name + _A), module.get_variable("params", name + _B)
-  x = args[0] if args else kwargs["inputs"]
+  x = args[0] if args else kwargs["query" if method == "attend" else "inputs"]
   if isinstance(module, nn.Embed):
     y = next_fun(*args, **kwargs)
     branch = _attend_branch(factors.scale) if method == "attend" else _embed_branch(
@@ -226,17 +244,25 @@ def _linen_rule(module, method: str, args, kwargs, next_fun, factors: LoraFactor
       return y + _per_example(branch, x, a, b).astype(y.dtype)
   keep = _linen_dropout(module, factors)
   if isinstance(module, nn.Einsum):
-    return einsum_product(module.einsum_str, x, kernel.shape, a, b, factors,
-                          next_fun(*args, **kwargs), keep=keep)
+    return einsum_product(spec, x, kernel.shape, a, b, factors, next_fun(*args, **kwargs),
+                          keep=keep)
   if isinstance(module, nn.Conv):
     y = next_fun(*args, **kwargs)
     conv_a = module.clone(parent=None, features=a.shape[-2], use_bias=False)
-    apply_a = lambda x, k: conv_a.apply({"params": {"kernel": k}}, x)  # noqa: E731
+
+    def apply_a(x, k):
+      token = _BYPASS.set(True)  # the rank-r helper conv is not itself adapted
+      try:
+        return conv_a.apply({"params": {"kernel": k}}, x)
+      finally:
+        _BYPASS.reset(token)
+
     with jax.named_scope("jlora/low_rank"):
       branch = _conv_branch(apply_a, kernel.shape, factors.scale)
       return y + _per_example(branch, _dropout(x, keep), a, b).astype(y.dtype)
-  in_axes = (-1,) if isinstance(module, nn.Dense) else tuple(
-      module.axis if isinstance(module.axis, tuple | list) else (module.axis,))
+  axes = module.axis if isinstance(module, nn.DenseGeneral) else -1
+  axes = axes if isinstance(axes, tuple | list) else (axes,)
+  in_axes = tuple(sorted(ax % x.ndim for ax in axes))  # DenseGeneral sorts its axes too
   if keep is None and a.ndim == 2 and _mergeable(module, x, kernel):
     y = dense_product(x, in_axes, kernel, a, b, factors, None, precision=module.precision)
     if module.use_bias:
@@ -258,7 +284,7 @@ def _linen_interceptor(adapter: Adapter, seen: dict[str, bool]):
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     method = context.method_name
-    if isinstance(module, _LINEN_MODULES) and method in ("__call__", "attend"):
+    if _has_rule(module, method):
       path = module_path(module)
       factors = adapter.lora.get(path)
       if factors is not None:
@@ -294,21 +320,31 @@ def _classify(apply_fn, variables, adapter, args, kwargs) -> tuple[set, set]:
   """Runs the model abstractly: which adapter paths have a factored rule, which need merging."""
   seen: dict[str, bool] = {}
   with nn.intercept_methods(_linen_interceptor(adapter, seen)):
-    jax.eval_shape(lambda v, a, k: apply_fn(v, *a, **k), _inject(variables, adapter), args,
-                   kwargs)
+    eval_shape(apply_fn, _inject(variables, adapter), *args, **kwargs)
   unused = set(adapter.lora) - set(seen)
   if unused:
     raise _unused_error(unused)
   return {p for p, ok in seen.items() if ok}, {p for p, ok in seen.items() if not ok}
 
 
+def _check_fallback(adapter: Adapter, fallback) -> None:
+  routed = [p for p in fallback
+            if adapter.lora[p].a.ndim != len(adapter.lora[p].roles.stacked) + 2]
+  if routed:
+    raise ValueError(
+        f"jlora.wrap: {', '.join(sorted(routed))} has no factored rule, so per-example "
+        "(routed) factors cannot be applied to it. Fix: exclude it from the adapters you route."
+    )
+  if fallback:
+    _warn_fallback(fallback)
+
+
 def _wrap_linen(apply_fn: Callable[..., Any]):
   @functools.wraps(apply_fn)
   def lora_apply(variables, adapter: Adapter, *args, **kwargs):
     check_fits(variables, adapter)
-    factored, fallback = _classify(apply_fn, variables, adapter, args, kwargs)
-    if fallback:
-      _warn_fallback(fallback)
+    _, fallback = _classify(apply_fn, variables, adapter, args, kwargs)
+    _check_fallback(adapter, fallback)
     variables = merge(variables, _only(adapter, fallback))  # also sets the trained extras
     adapter = _without(adapter, fallback)
     with nn.intercept_methods(_linen_interceptor(adapter, {})):
@@ -321,13 +357,16 @@ def _wrap_linen(apply_fn: Callable[..., Any]):
 # NNX.
 
 
-class _LoraDotGeneral:
-  """An nnx.Linear/LinearGeneral ``dot_general`` that adds the low-rank update."""
+class _LoraOp:
+  """A replacement for an NNX layer's injected op that adds the low-rank update."""
 
-  def __init__(self, base, factors: LoraFactors, keep):
-    self.base, self.factors, self.keep = base, factors, keep
+  def __init__(self, base, path: str, factors: LoraFactors, keep, ran: set):
+    self.base, self.path, self.factors, self.keep, self.ran = base, path, factors, keep, ran
 
+
+class _LoraDotGeneral(_LoraOp):
   def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
+    self.ran.add(self.path)
     (x_axes, _), _ = dimension_numbers
     f = self.factors
     if (self.keep is None and f.a.ndim == 2 and not kwargs.get("preferred_element_type")
@@ -341,21 +380,17 @@ def _f32(*arrays) -> bool:
   return all(x.dtype == jnp.float32 for x in arrays)
 
 
-class _LoraEinsum:
-  def __init__(self, base, factors: LoraFactors, keep):
-    self.base, self.factors, self.keep = base, factors, keep
-
+class _LoraEinsum(_LoraOp):
   def __call__(self, spec, x, kernel, **kwargs):
+    self.ran.add(self.path)
     f = self.factors
     return einsum_product(spec, x, kernel.shape, f.a, f.b, f,
                           self.base(spec, x, kernel, **kwargs), keep=self.keep)
 
 
-class _LoraConv:
-  def __init__(self, base, factors: LoraFactors, keep):
-    self.base, self.factors, self.keep = base, factors, keep
-
+class _LoraConv(_LoraOp):
   def __call__(self, x, kernel, *args, **kwargs):
+    self.ran.add(self.path)
     f = self.factors
     apply_a = lambda x, k: self.base(x, k, *args, **kwargs)  # noqa: E731
     y = self.base(x, kernel, *args, **kwargs)
@@ -364,48 +399,66 @@ class _LoraConv:
       return y + _per_example(branch, _dropout(x, self.keep), f.a, f.b).astype(y.dtype)
 
 
-def _patch_nnx(module, path: str, factors: LoraFactors, keep) -> bool:
-  """Sets the LoRA op on the module's injection point; False if it has none."""
-  kernel = getattr(module, kernel_name(module))[...]
-  _check_roles(path, nnx_roles(module, kernel.ndim, path), factors)
-  if factors.roles.stacked or isinstance(module, nnx.Embed):
+def _nnx_has_rule(module, factors: LoraFactors) -> bool:
+  """Whether the layer has an injection point that computes the factored update exactly."""
+  if factors.roles.stacked or getattr(module, "mask", None) is not None:
     return False
   if isinstance(module, nnx.Linear | nnx.LinearGeneral):
-    if getattr(module, "dot_general_cls", None) is not None:
-      return False  # Flax builds its dot from the class and ignores `dot_general`
+    return getattr(module, "dot_general_cls", None) is None  # else Flax ignores `dot_general`
+  return isinstance(module, nnx.Einsum | nnx.Conv)
+
+
+def _patch_nnx(module, path: str, factors: LoraFactors, keep, ran: set) -> None:
+  """Sets the LoRA op on the injection point of a layer for which `_nnx_has_rule` holds."""
+  if isinstance(module, nnx.Linear | nnx.LinearGeneral):
     base = module.dot_general or jax.lax.dot_general
-    module.dot_general = _LoraDotGeneral(base, factors, keep)
+    module.dot_general = _LoraDotGeneral(base, path, factors, keep, ran)
   elif isinstance(module, nnx.Einsum):
-    module.einsum_op = _LoraEinsum(module.einsum_op, factors, keep)
-  elif isinstance(module, nnx.Conv):
-    module.conv_general_dilated = _LoraConv(module.conv_general_dilated, factors, keep)
+    module.einsum_op = _LoraEinsum(module.einsum_op, path, factors, keep, ran)
   else:
-    return False
-  return True
+    module.conv_general_dilated = _LoraConv(module.conv_general_dilated, path, factors, keep,
+                                            ran)
+
+
+def _nnx_layers(model, adapter: Adapter) -> dict:
+  """{adapter path: the layer that owns that kernel}, checking each layer's axis roles."""
+  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model)
+             if isinstance(m, nnx.Module)}
+  layers = {}
+  for path, factors in adapter.lora.items():
+    module_key, _, name = path.rpartition("/")
+    module = modules.get(module_key)
+    if module is None or kernel_name(module) != name:
+      raise _unused_error([path])
+    inner = getattr(module, name)[...].shape[len(factors.roles.stacked):]
+    _check_roles(path, nnx_roles(module, len(inner), path), factors)
+    layers[path] = module
+  return layers
 
 
 def _wrap_nnx(graphdef, method: str):
   def lora_apply(state, adapter: Adapter, *args, dropout_key: jax.Array | None = None, **kwargs):
     check_fits(state, adapter)
     model = nnx.merge(graphdef, merge(state, Adapter(lora={}, extras=adapter.extras)))
-    modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model)
-               if isinstance(m, nnx.Module)}
-    fallback = []
+    layers = _nnx_layers(model, adapter)
+    fallback = {p for p, m in layers.items() if not _nnx_has_rule(m, adapter.lora[p])}
+    _check_fallback(adapter, fallback)
+    if fallback:  # a fresh copy: the caller's state is never written
+      model = nnx.merge(graphdef, merge(state, _only(adapter, fallback)))
+      layers = _nnx_layers(model, adapter)
+    ran: set[str] = set()
     for i, (path, factors) in enumerate(sorted(adapter.lora.items())):
-      module_key, _, name = path.rpartition("/")
-      module = modules.get(module_key)
-      if module is None or kernel_name(module) != name:
-        raise _unused_error([path])
+      if path in fallback:
+        continue
       keep = None
       if dropout_key is not None and factors.dropout:
         keep = (factors.dropout, jax.random.fold_in(dropout_key, i))
-      if not _patch_nnx(module, path, factors, keep):
-        fallback.append(path)
-    if fallback:
-      _warn_fallback(fallback)
-      merged = merge(nnx.state(model), _only(adapter, fallback))
-      nnx.update(model, merged)
-    return getattr(model, method)(*args, **kwargs)
+      _patch_nnx(layers[path], path, factors, keep, ran)
+    out = getattr(model, method)(*args, **kwargs)
+    unused = set(adapter.lora) - fallback - ran
+    if unused:
+      raise _unused_error(unused)
+    return out
 
   return lora_apply
 
@@ -424,8 +477,11 @@ def wrap(apply_fn: Callable[..., Any] | nnx.GraphDef | nnx.Module, *, method: st
   dropout_key=None, **kwargs)` runs `nnx.merge(graphdef, state)` with the update added to each
   adapted Linear, LinearGeneral, Einsum and Conv.
 
-  Kernels whose module has no factored rule (a custom module, NNX Embed, stacked NNX
-  layers) are merged instead, with a warning naming them.
+  Kernels whose module has no factored rule (a custom module, a subclass that overrides
+  ``__call__``, a masked Conv, NNX Embed, stacked NNX layers) are merged instead, with a
+  warning naming them. A kernel read outside its own module (e.g. tied weights taken from
+  ``module.variables``) is not seen by the interception: use it through the module (as
+  ``nn.Embed.attend`` does) or give it no adapter.
 
   Args:
     apply_fn: a linen ``model.apply``, or an NNX graphdef or module.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
-import jax
 import optax
 
-from jlora.adapter import Adapter, LoraFactors
+from jlora.adapter import Adapter
 
 
 def labels(adapter: Adapter) -> Adapter:
@@ -29,10 +29,8 @@ def labels(adapter: Adapter) -> Adapter:
     >>> tags.lora["fc/kernel"].a, tags.lora["fc/kernel"].b, tags.extras["fc/bias"]
     ('a', 'b', 'extra')
   """
-  lora = {path: LoraFactors(a="a", b="b", scale=f.scale, roles=f.roles,
-                            kernel_shape=f.kernel_shape, dropout=f.dropout)
-          for path, f in adapter.lora.items()}
-  return Adapter(lora=lora, extras={path: "extra" for path in adapter.extras})
+  lora = {path: dataclasses.replace(f, a="a", b="b") for path, f in adapter.lora.items()}
+  return dataclasses.replace(adapter, lora=lora, extras={path: "extra" for path in adapter.extras})
 
 
 def lora_plus(make_optimizer: Callable[[float], optax.GradientTransformation],

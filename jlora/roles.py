@@ -22,6 +22,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from flax import nnx
 
 KINDS = ("dense", "conv", "embed")
@@ -57,7 +58,8 @@ class AxisRoles:
 
   def unstacked(self) -> AxisRoles:
     """The roles of one layer's kernel, as the module inside the stack sees it."""
-    return AxisRoles(self.kind, self.contracting, self.features).stack(-len(self.stacked))
+    drop = lambda axes: tuple(a - sum(s < a for s in self.stacked) for a in axes)  # noqa: E731
+    return AxisRoles(self.kind, drop(self.contracting), drop(self.features))
 
 
 def from_letters(letters: str, kind: str = "dense") -> AxisRoles:
@@ -106,8 +108,36 @@ def _as_tuple(axis) -> tuple[int, ...]:
   return tuple(axis) if isinstance(axis, tuple | list) else (axis,)
 
 
-def linen_roles(module: nn.Module, ndim: int, path: str) -> AxisRoles | None:
-  """Roles of the kernel of a linen module, or None for a module jlora does not adapt."""
+def einsum_spec(module, args, kwargs) -> str | None:
+  """The equation an `nn.Einsum` call uses: given at call time, or the module's own."""
+  given = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+  return given or module.einsum_str
+
+
+def eval_shape(fn: Callable[..., Any], *args, **kwargs):
+  """`jax.eval_shape(fn, *args, **kwargs)` with only the array leaves made abstract.
+
+  Flags, strings and functions among the arguments (``deterministic=True``, ``method=...``)
+  reach `fn` as they are.
+  """
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) for x in leaves]
+
+  def run(arrays):
+    it = iter(arrays)
+    full = [next(it) if array else x for x, array in zip(leaves, is_array, strict=True)]
+    call_args, call_kwargs = jax.tree.unflatten(treedef, full)
+    return fn(*call_args, **call_kwargs)
+
+  return jax.eval_shape(run, [x for x, array in zip(leaves, is_array, strict=True) if array])
+
+
+def linen_roles(module: nn.Module, ndim: int, path: str, spec: str | None = None
+                ) -> AxisRoles | None:
+  """Roles of the kernel of a linen module, or None for a module jlora does not adapt.
+
+  `spec` is the equation of an `nn.Einsum` call (default: the module's own).
+  """
   if isinstance(module, nn.Embed):
     return AxisRoles("embed", (0,), (1,))
   if isinstance(module, nn.Dense):
@@ -116,7 +146,7 @@ def linen_roles(module: nn.Module, ndim: int, path: str) -> AxisRoles | None:
     return _dense_general_roles(len(_as_tuple(module.batch_dims)), len(_as_tuple(module.axis)),
                                 ndim, path)
   if isinstance(module, nn.Einsum):
-    return _einsum_roles(module.einsum_str, path)
+    return _einsum_roles(spec or module.einsum_str, path)
   if isinstance(module, nn.Conv):
     return _conv_roles(module.feature_group_count, ndim, path)
   return None
@@ -186,13 +216,14 @@ def trace_roles(apply_fn: Callable[..., Any], variables, shapes: dict[str, tuple
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
     path = module_path(module)
-    if context.method_name == "__call__" and path in shapes:
+    if context.method_name in ("__call__", "attend") and path in shapes:
       inner = module.get_variable("params", kernel_name(module)).shape
-      roles = linen_roles(module, len(inner), path)
+      spec = einsum_spec(module, call_args, call_kwargs) if isinstance(module, nn.Einsum) else None
+      roles = linen_roles(module, len(inner), path, spec)
       if roles is not None:
         found[path] = with_stack(roles, inner, shapes[path], path)
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda v, a, k: apply_fn(v, *a, **k), variables, args, kwargs)
+    eval_shape(apply_fn, variables, *args, **kwargs)
   return found

@@ -381,7 +381,8 @@ def restore_sharded(directory: str, like: Any, shardings: Any) -> Any:
     >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
     >>> sharding.save_sharded(path, {"x": jnp.arange(4.0)})
     >>> mesh = Mesh(jax.devices()[:2], ("data",))
-    >>> out = sharding.restore_sharded(path, {"x": jnp.zeros(4)}, {"x": NamedSharding(mesh, P("data"))})
+    >>> split = {"x": NamedSharding(mesh, P("data"))}
+    >>> out = sharding.restore_sharded(path, {"x": jnp.zeros(4)}, split)
     >>> out["x"].sharding.spec, out["x"].addressable_shards[0].data.tolist()
     (P('data',), [0.0, 1.0])
   """

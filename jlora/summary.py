@@ -38,7 +38,7 @@ def summary(adapter: Adapter, params: Params | None = None) -> str:
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   right = {3}
   lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
-                     for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+                     for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
   trained = sum(math.prod(x.shape) for x in jax.tree.leaves(adapter))
   total = f"trainable: {trained:,}"
   if params is not None:
