@@ -36,9 +36,12 @@ def summary(adapter: Adapter, params: Params | None = None) -> str:
   for path, leaf in sorted(adapter.extras.items()):
     rows.append((path, str(tuple(leaf.shape)), "full", "-", "-", str(leaf.size)))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  right = {3}
-  lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
-                     for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
+  def line(row):
+    cells = (c.rjust(w) if i == 3 else c.ljust(w)  # the rank column is right-aligned
+             for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+    return "  ".join(cells).rstrip()
+
+  lines = [line(row) for row in rows]
   trained = sum(math.prod(x.shape) for x in jax.tree.leaves(adapter))
   total = f"trainable: {trained:,}"
   if params is not None:
