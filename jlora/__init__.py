@@ -43,6 +43,9 @@ from jlora.peft import import_peft as import_peft
 from jlora.rank_search import RankSearchResult as RankSearchResult
 from jlora.rank_search import search_rank as search_rank
 from jlora.roles import AxisRoles as AxisRoles
+from jlora.sharding import init_sharded as init_sharded
+from jlora.sharding import opt_state_shardings as opt_state_shardings
+from jlora.sharding import shardings as shardings
 from jlora.summary import summary as summary
 
 __version__ = "0.1.0"
@@ -64,16 +67,19 @@ __all__ = [
     "export_peft",
     "import_peft",
     "init",
+    "init_sharded",
     "labels",
     "lora_plus",
     "merge",
     "num_params",
     "numerical_rank",
+    "opt_state_shardings",
     "restore",
     "route",
     "save",
     "search_rank",
     "select",
+    "shardings",
     "stack",
     "subspace_similarity",
     "subspace_similarity_grid",

@@ -272,11 +272,12 @@ def opt_state_shardings(opt_state: Any, adapter_shardings: Adapter) -> Any:
   """Shardings for an optimizer state: each adapter-shaped leaf as its adapter leaf, the rest
   replicated.
 
-  A state leaf matches an adapter leaf when the adapter leaf's key path ends the state leaf's
-  path (``mu.lora['…/kernel'].a`` ends with ``.lora['…/kernel'].a``) and their shapes agree, so
-  any optax wrapper works (`optax.chain`, `optax.MultiSteps`, `optax.multi_transform`,
-  `jlora.lora_plus`); counters, and moments of other shapes (Adafactor's factored ones), are
-  replicated.
+  A state leaf takes an adapter leaf's sharding when the adapter leaf's key path ends the state
+  leaf's path (``mu.lora['…/kernel'].a`` ends with ``.lora['…/kernel'].a``) and that sharding
+  fits the state leaf's shape (no more spec entries than axes, mesh axes dividing them). So any
+  optax wrapper works (`optax.chain`, `optax.MultiSteps`, `optax.multi_transform`,
+  `jlora.lora_plus`); counters, and statistics of other ranks (Adafactor's factored moments),
+  are replicated.
 
   Args:
     opt_state: the optimizer state, or its shape: ``jax.eval_shape(optimizer.init, adapter)``.
