@@ -85,6 +85,21 @@ def _per_example(branch, x, a, b):
   return jax.vmap(lambda xi, ai, bi: branch(xi[None], ai, bi)[0])(x, a, b)
 
 
+def _unflatten(y2, moved, n: int, out_dims):
+  """(tokens, fan_out) back to moved's batch axes + `out_dims`, keeping explicit shardings.
+
+  On a mesh with explicit axes, the batch axes' partitioning cannot be inferred from the
+  flattened tokens axis, so it is stated; on automatic meshes XLA propagates it.
+  """
+  shape = moved.shape[:-n] + tuple(out_dims)
+  sharding = jax.typeof(moved).sharding
+  lead = tuple(getattr(sharding, "spec", ()))[: moved.ndim - n]
+  if not any(lead):
+    return y2.reshape(shape)
+  spec = jax.sharding.PartitionSpec(*lead, *(None,) * len(out_dims))
+  return jax.lax.reshape(y2, shape, out_sharding=jax.sharding.NamedSharding(sharding.mesh, spec))
+
+
 def _dense_branch(in_axes, out_dims, scale):
   """x -> s·((x·Aᵀ)·B) with the contracted axes flattened: the LoRA input is (tokens, fan_in)."""
 
@@ -94,7 +109,7 @@ def _dense_branch(in_axes, out_dims, scale):
                                                                              x.ndim)))
     x2 = moved.reshape(-1, a.shape[-1])
     u = jax.lax.dot_general(x2, a.astype(x.dtype), _DN) * jnp.asarray(scale, x.dtype)
-    return (u @ b.astype(x.dtype)).reshape(moved.shape[:-n] + out_dims)
+    return _unflatten(u @ b.astype(x.dtype), moved, n, out_dims)
 
   return branch
 
@@ -115,7 +130,7 @@ def dense_product(x, in_axes, kernel, a, b, factors: LoraFactors, base, *, preci
     with jax.named_scope("jlora/merged"):
       y2 = _merged_matmul(moved.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out), a, b,
                           factors.scale, precision)
-    return y2.reshape(moved.shape[:-n] + out_dims)
+    return _unflatten(y2, moved, n, out_dims)
   in_axes = tuple(ax % x.ndim - x.ndim for ax in in_axes)  # negative: valid per example too
   with jax.named_scope("jlora/low_rank"):
     branch = _dense_branch(in_axes, out_dims, factors.scale)

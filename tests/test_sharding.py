@@ -366,11 +366,9 @@ def test_fsdp_step_adds_no_kernel_sized_collectives():
   assert not full <= frozen
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="jlora.wrap reshapes its flattened "
-                   "(tokens, fan) product without an out_sharding, which explicit mesh axes need")
 def test_wrap_on_an_explicit_mesh():
-  """Under `AxisType.Explicit` (jax.make_mesh's default) the base model alone runs; jlora.wrap
-  does not yet. docs/multihost.md tells users to build meshes with Auto axes."""
+  """Under `AxisType.Explicit` (jax.make_mesh's default) jlora.wrap keeps the batch sharding of
+  its flattened (tokens, fan) products, as the base model does."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
   model = nn.DenseGeneral((4, 8))
   x = jnp.ones((8, 5, 16))
@@ -380,6 +378,7 @@ def test_wrap_on_an_explicit_mesh():
       rank=2, alpha=4.0, targets=".*kernel"), model.apply, x)
   assert jax.jit(model.apply)(variables, x).sharding.spec == P("data", None, None, None)
   y = jax.jit(jlora.wrap(model.apply))(variables, adapter, x)
+  assert y.sharding.spec == P("data", None, None, None)
   np.testing.assert_allclose(y, model.apply(jlora.merge(variables, adapter), x), rtol=1e-6)
 
 
