@@ -23,6 +23,9 @@ from jlora.checkpoint import Restored as Restored
 from jlora.checkpoint import checkpoint_manager as checkpoint_manager
 from jlora.checkpoint import restore as restore
 from jlora.checkpoint import save as save
+from jlora.combine import Truncation as Truncation
+from jlora.combine import combine as combine
+from jlora.combine import truncate as truncate
 from jlora.config import LoraConfig as LoraConfig
 from jlora.factored import wrap as wrap
 from jlora.merge import delta as delta
@@ -30,12 +33,9 @@ from jlora.merge import merge as merge
 from jlora.merge import num_params as num_params
 from jlora.merge import unmerge as unmerge
 from jlora.multi import AdapterStack as AdapterStack
-from jlora.multi import Truncation as Truncation
-from jlora.multi import combine as combine
 from jlora.multi import route as route
 from jlora.multi import select as select
 from jlora.multi import stack as stack
-from jlora.multi import truncate as truncate
 from jlora.optim import labels as labels
 from jlora.optim import lora_plus as lora_plus
 from jlora.peft import export_peft as export_peft
