@@ -166,7 +166,7 @@ def save(target: Source, step: int, adapter: Adapter, *, opt_state: Any = None,
 
   Raises:
     TypeError: if `adapter` is not an `Adapter`, or the config's targets are a callable.
-    ValueError: if `step` is not a non-negative integer.
+    ValueError: if `step` is not a non-negative integer, or already saved in `target`.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -191,11 +191,20 @@ def save(target: Source, step: int, adapter: Adapter, *, opt_state: Any = None,
   if opt_state is not None:
     items[_OPT_STATE] = ocp.args.StandardSave(opt_state)
   if isinstance(target, ocp.CheckpointManager):
-    return target.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+    return _save_new(target, step, items, metrics)
   with ocp.CheckpointManager(os.fspath(target), item_handlers=_handlers()) as manager:
-    saved = manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+    saved = _save_new(manager, step, items, metrics)
     manager.wait_until_finished()
   return saved
+
+
+def _save_new(manager: ocp.CheckpointManager, step: int, items, metrics) -> bool:
+  if step in manager.all_steps():  # orbax would keep the old one and return False
+    raise ValueError(
+        f"save: {manager.directory} already has a checkpoint for {step=}; it is left as it is. "
+        "Fix: save under a new step, or into a new directory."
+    )
+  return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
 
 def _pick_step(manager: ocp.CheckpointManager, step: int | None) -> int:

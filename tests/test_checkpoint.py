@@ -195,3 +195,15 @@ def test_benchmark_adapter_checkpoint_is_adapter_sized(tmp_path):
   # Only the adapter is written: its f32 bytes (orbax compresses a little) plus metadata.
   assert raw / 2 < sizes["adapter_checkpoint_bytes"] < raw + 256 * 1024
   assert sizes["adapter_checkpoint_bytes"] < sizes["base_bytes"] / 40
+
+
+def test_saving_an_existing_step_raises_and_keeps_the_old_checkpoint(tmp_path):
+  params = {"fc": {"kernel": jnp.ones((4, 3))}}
+  config = jlora.LoraConfig(rank=2, alpha=4.0, targets="fc/kernel")
+  first = jlora.init(jax.random.key(0), params, config)
+  second = jlora.init(jax.random.key(1), params, config)
+  assert jlora.save(tmp_path, 3, first)
+  with pytest.raises(ValueError, match=r"already has a checkpoint for step=3"):
+    jlora.save(tmp_path, 3, second)
+  restored = jlora.restore(tmp_path, params=params).adapter
+  np.testing.assert_array_equal(restored.lora["fc/kernel"].a, first.lora["fc/kernel"].a)
