@@ -227,15 +227,6 @@ def test_linen_wrap_under_jax_checkpoint_equals_merged():
   _compare(jax.checkpoint(jlora.wrap(model.apply)), _linen_ref(model), variables, adapter, x)
 
 
-def test_f32_dense_takes_the_merged_custom_vjp_path_and_bf16_the_additive_one():
-  """Both execution strategies of wrap are exercised by the tests in this file."""
-  model, x, variables, adapter = _holder("dense")
-  grad = jax.grad(lambda a, v: _loss(jlora.wrap(model.apply)(v, a, x)))
-  assert "custom_vjp_call" in str(jax.make_jaxpr(grad)(adapter, variables))
-  bf16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), variables)
-  assert "custom_vjp_call" not in str(jax.make_jaxpr(grad)(adapter, bf16))
-
-
 # ----------------------------------------------------------------------------------------------
 # Every kernel kind, NNX.
 
