@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 
 import jlora  # noqa: E402
 from benchmarks import model as bm  # noqa: E402
-from benchmarks.train_step import machine, markdown_table, text_table  # noqa: E402
+from benchmarks.train_step import machine, markdown_table, text_table, write_section  # noqa: E402,E501
 
 RANK, ALPHA = 8, 16.0
 WARMUP, TIMED = 3, 15
@@ -262,16 +262,6 @@ def section(rows, swap, s: Setup, args, warmup: int, timed: int) -> str:
   return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-  """Replaces the text between the multi_adapter markers of `path` (appending them if absent)."""
-  old = path.read_text() if path.exists() else "# Benchmark results\n"
-  if BEGIN not in old or END not in old:
-    old = old.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-  before, rest = old.split(BEGIN, 1)
-  after = rest.split(END, 1)[1]
-  path.write_text(f"{before}{BEGIN}\n{text}\n{END}{after}")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print()
   for line in notes(rows, swap):
     print(line)
-  write_section(args.out, section(rows, swap, s, args, warmup, timed))
+  write_section(args.out, section(rows, swap, s, args, warmup, timed), BEGIN, END)
   print(f"\nwrote {args.out}")
   return 0
 

@@ -192,16 +192,6 @@ def section(rows, config, description: str) -> str:
   ])
 
 
-def write_section(path: Path, text: str) -> None:
-  """Replaces the text between the sharding markers of `path` (appending them if absent)."""
-  old = path.read_text() if path.exists() else "# Benchmark results\n"
-  if BEGIN not in old or END not in old:
-    old = old.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-  before, rest = old.split(BEGIN, 1)
-  after = rest.split(END, 1)[1]
-  path.write_text(f"{before}{BEGIN}\n{text}\n{END}{after}")
-
-
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the RESULTS.md to update")
@@ -215,7 +205,7 @@ def main(argv=None) -> list[dict]:
   import jax.numpy as jnp
 
   from benchmarks import model as bm
-  from benchmarks.train_step import machine
+  from benchmarks.train_step import machine, write_section
 
   config = (bm.GPTConfig(vocab=64, d_model=64, blocks=1, head_dim=8, seq=16) if args.tiny
             else bm.GPTConfig())
@@ -223,7 +213,7 @@ def main(argv=None) -> list[dict]:
   tokens = jax.random.randint(jax.random.key(0), (BATCH, config.seq + 1), 0, config.vocab,
                               jnp.int32)
   rows = [measure(name, spec, config, variables, tokens) for name, spec in layouts().items()]
-  write_section(args.out, section(rows, config, machine()))
+  write_section(args.out, section(rows, config, machine()), BEGIN, END)
   print(f"wrote {args.out}")
   return rows
 

@@ -520,14 +520,17 @@ def section(results, w: Workload, args, warmup: int, timed: int) -> str:
   return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-  """Replaces the text between the train_step markers of `path` (creating what is missing)."""
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+  """Replaces the text between the `begin`/`end` markers of `path` (creating what is missing).
+
+  Every benchmark script writes its own section of benchmarks/RESULTS.md this way.
+  """
   old = path.read_text() if path.exists() else "# Benchmark results\n"
-  if BEGIN not in old or END not in old:
-    old = old.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-  before, rest = old.split(BEGIN, 1)
-  after = rest.split(END, 1)[1]
-  path.write_text(f"{before}{BEGIN}\n{text}\n{END}{after}")
+  if begin not in old or end not in old:
+    old = old.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+  before, rest = old.split(begin, 1)
+  after = rest.split(end, 1)[1]
+  path.write_text(f"{before}{begin}\n{text}\n{end}{after}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 EXAMPLES = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
 import minilm  # noqa: E402
+from cli import positive, positive_float  # noqa: E402
 
 import jlora  # noqa: E402
 
@@ -449,27 +450,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   g.add_argument("--data", default=str(DATA), help="JSON-lines docstrings")
   g.add_argument("--modules", type=_names, default=",".join(DEFAULT_MODULES),
                  help="comma-separated modules to tell apart (the classes)")
-  g.add_argument("--per-module", type=_positive, default=60,
+  g.add_argument("--per-module", type=positive, default=60,
                  help="the most docstrings used per module")
   g.add_argument("--eval-fraction", type=_fraction, default=0.25,
                  help="share of each module's docstrings held out for evaluation")
-  g.add_argument("--max-len", type=_positive, default=64,
+  g.add_argument("--max-len", type=positive, default=64,
                  help="tokens per docstring: longer ones are cut")
   g = parser.add_argument_group("training")
   g.add_argument("--ranks", type=_ranks, default="4,8", help="LoRA ranks to compare")
-  g.add_argument("--alpha", type=_positive_float, default=16.0, help="LoRA alpha (scale α/r)")
-  g.add_argument("--epochs", type=_positive, default=3, help="epochs of runs 2-4")
-  g.add_argument("--batch", type=_positive, default=16, help="docstrings per step")
-  g.add_argument("--lr", type=_positive_float, default=3e-3, help="LoRA peak LR")
-  g.add_argument("--full-lr", type=_positive_float, default=1e-4,
+  g.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (scale α/r)")
+  g.add_argument("--epochs", type=positive, default=3, help="epochs of runs 2-4")
+  g.add_argument("--batch", type=positive, default=16, help="docstrings per step")
+  g.add_argument("--lr", type=positive_float, default=3e-3, help="LoRA peak LR")
+  g.add_argument("--full-lr", type=positive_float, default=1e-4,
                  help="full fine-tuning peak LR")
-  g.add_argument("--head-lr", type=_positive_float, default=1e-2,
+  g.add_argument("--head-lr", type=positive_float, default=1e-2,
                  help="the head's peak LR while fine-tuning")
-  g.add_argument("--probe-steps", type=_positive, default=300,
+  g.add_argument("--probe-steps", type=positive, default=300,
                  help="full-batch AdamW steps of the linear probe (run 1)")
-  g.add_argument("--probe-lr", type=_positive_float, default=1e-2, help="linear probe LR")
+  g.add_argument("--probe-lr", type=positive_float, default=1e-2, help="linear probe LR")
   g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-  g.add_argument("--layers", type=_positive, default=6, help="use MiniLM's first N layers")
+  g.add_argument("--layers", type=positive, default=6, help="use MiniLM's first N layers")
   g.add_argument("--seed", type=int, default=0)
   g = parser.add_argument_group("runs and outputs")
   g.add_argument("--tiny", action="store_true",
@@ -485,35 +486,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-  if not (math.isfinite(value) and value > 0):
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-  return value
-
-
 def _fraction(text: str) -> float:
-  value = _positive_float(text)
+  value = positive_float(text)
   if value >= 1:
     raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
   return value
 
 
 def _ranks(text: str) -> tuple[int, ...]:
-  ranks = tuple(_positive(part) for part in text.split(",") if part.strip())
+  ranks = tuple(positive(part) for part in text.split(",") if part.strip())
   if not ranks:
     raise argparse.ArgumentTypeError(f"expected comma-separated ranks, got {text!r}")
   return ranks

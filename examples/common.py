@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from cli import positive, positive_float  # noqa: F401  (re-used by the scripts)
 from flax import traverse_util
 from tqdm.auto import tqdm
 
@@ -524,26 +524,6 @@ def prepare(args: argparse.Namespace, lora_configs: Sequence[jlora.LoraConfig] =
                          cache_dir=None if args.no_cache else args.cache_dir)
   return Setup(base, corpus_a, corpus_b, eval_windows(corpus_a.eval, config.seq, args.eval_windows),
                eval_windows(corpus_b.eval, config.seq, args.eval_windows))
-
-
-def positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
-def positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-  if not (math.isfinite(value) and value > 0):
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-  return value
 
 
 def int_list(text: str) -> tuple[int, ...]:

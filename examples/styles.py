@@ -46,6 +46,9 @@ from tqdm.auto import tqdm
 
 import jlora
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from cli import positive, positive_float  # noqa: E402
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 STYLES = ("flat", "neon", "paper")  # the base look, style 1, style 2
 MIXES = (0.25, 0.5, 0.75)  # t in W + (1 − t)·ΔW_neon + t·ΔW_paper
@@ -213,43 +216,23 @@ def write_grid(path: pathlib.Path, layouts: np.ndarray, columns: dict[str, np.nd
 # ----------------------------------------------------------------------------- the script
 
 
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-  if not (np.isfinite(value) and value > 0):
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-  return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="styles.py", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--size", type=_positive, default=32, help="image side (multiple of 4)")
-  parser.add_argument("--width", type=_positive, default=24, help="generator channels")
-  parser.add_argument("--heads", type=_positive, default=4, help="attention heads")
-  parser.add_argument("--images", type=_positive, default=2048, help="training layouts")
-  parser.add_argument("--batch", type=_positive, default=16)
-  parser.add_argument("--base-steps", type=_positive, default=500, help="pretraining steps")
-  parser.add_argument("--style-steps", type=_positive, default=400, help="steps per style")
-  parser.add_argument("--base-lr", type=_positive_float, default=3e-3)
-  parser.add_argument("--lora-lr", type=_positive_float, default=5e-3)
+  parser.add_argument("--size", type=positive, default=32, help="image side (multiple of 4)")
+  parser.add_argument("--width", type=positive, default=24, help="generator channels")
+  parser.add_argument("--heads", type=positive, default=4, help="attention heads")
+  parser.add_argument("--images", type=positive, default=2048, help="training layouts")
+  parser.add_argument("--batch", type=positive, default=16)
+  parser.add_argument("--base-steps", type=positive, default=500, help="pretraining steps")
+  parser.add_argument("--style-steps", type=positive, default=400, help="steps per style")
+  parser.add_argument("--base-lr", type=positive_float, default=3e-3)
+  parser.add_argument("--lora-lr", type=positive_float, default=5e-3)
   parser.add_argument("--ranks", default="4,8",
                       help="LoRA ranks of style 1 (α/r scaling) and style 2 (rsLoRA α/√r)")
-  parser.add_argument("--alpha", type=_positive_float, default=8.0, help="LoRA alpha")
-  parser.add_argument("--rows", type=_positive, default=4, help="layouts in the grid")
+  parser.add_argument("--alpha", type=positive_float, default=8.0, help="LoRA alpha")
+  parser.add_argument("--rows", type=positive, default=4, help="layouts in the grid")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=str(RESULTS / "styles.png"), help="the PNG to write")
   parser.add_argument("--tiny", action="store_true",
