@@ -187,8 +187,7 @@ def section(rows, config, description: str) -> str:
       "- The loss after one step is the same in every layout (float32 reduction order aside).",
       "- Temporaries follow the frozen model's own step on each layout (XLA:CPU keeps FSDP's "
       "gathered kernels, and pure tensor parallelism replicates the batch's activations); what "
-      "jlora adds or saves on top is its saved LoRA inputs, factor gradients and the merged "
-      "kernels W + s·AᵀB of its custom-VJP path.",
+      "jlora adds on top is its saved LoRA inputs and the factor gradients.",
   ])
 
 
