@@ -82,3 +82,18 @@ def tiny_nnx():
   graphdef, state = nnx.split(TinyNNX(nnx.Rngs(0)))
   ids = (jnp.arange(12).reshape(2, 6) * 7) % 20
   return graphdef, state, ids
+
+
+@pytest.fixture(scope="session")
+def abstract_lm():
+  """(model, abstract variables, ids) of `TinyLM`: enough for shape-only checks."""
+  model = TinyLM()
+  ids = (jnp.arange(12).reshape(2, 6) * 7) % 20
+  return model, jax.eval_shape(model.init, jax.random.key(0), ids), ids
+
+
+@pytest.fixture(scope="session")
+def abstract_nnx():
+  """(abstract module, its state) of `TinyNNX`."""
+  model = nnx.eval_shape(lambda: TinyNNX(nnx.Rngs(0)))
+  return model, nnx.state(model)

@@ -2,14 +2,12 @@
 
 import math
 
-import conftest
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import jlora
 from jlora import AxisRoles
@@ -33,20 +31,6 @@ def _assert_unchanged(tree, snapshot):
   for x, y in zip(jax.tree.leaves(tree), leaves, strict=True):
     np.testing.assert_array_equal(np.asarray(x), y)
 
-
-@pytest.fixture(scope="module")
-def abstract_lm():
-  """(model, abstract variables, ids) of the conftest `TinyLM`: enough for shape-only checks."""
-  model = conftest.TinyLM()
-  ids = (jnp.arange(12).reshape(2, 6) * 7) % 20
-  return model, jax.eval_shape(model.init, KEY, ids), ids
-
-
-@pytest.fixture(scope="module")
-def abstract_nnx():
-  """(abstract module, its state) of the conftest `TinyNNX`."""
-  model = nnx.eval_shape(lambda: conftest.TinyNNX(nnx.Rngs(0)))
-  return model, nnx.state(model)
 
 
 def _abstract_init(variables, config, model=None, *args) -> jlora.Adapter:

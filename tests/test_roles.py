@@ -5,7 +5,6 @@ Roles depend on shapes only, so these tests run abstractly: variables from
 checks that `init` works on `jax.ShapeDtypeStruct` leaves, and costs no compilation.
 """
 
-import conftest
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,20 +30,6 @@ def _linen_roles(module, x, targets=r".*(kernel|embedding)", **config):
   config = jlora.LoraConfig(rank=1, alpha=1.0, targets=targets, **config)
   return _roles(_abstract_init(variables, config, module.apply, x))
 
-
-@pytest.fixture(scope="module")
-def abstract_lm():
-  """(model, abstract variables, ids) of the conftest `TinyLM`."""
-  model = conftest.TinyLM()
-  ids = (jnp.arange(12).reshape(2, 6) * 7) % 20
-  return model, jax.eval_shape(model.init, KEY, ids), ids
-
-
-@pytest.fixture(scope="module")
-def abstract_nnx():
-  """(abstract module, its state) of the conftest `TinyNNX`."""
-  model = nnx.eval_shape(lambda: conftest.TinyNNX(nnx.Rngs(0)))
-  return model, nnx.state(model)
 
 
 # --- the fixtures: every kernel kind ----------------------------------------------------------
