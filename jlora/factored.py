@@ -32,7 +32,15 @@ from flax.core import unfreeze
 
 from jlora.adapter import Adapter, LoraFactors
 from jlora.merge import check_fits, merge
-from jlora.roles import einsum_spec, eval_shape, kernel_name, linen_roles, module_path, nnx_roles
+from jlora.roles import (
+    as_tuple,
+    einsum_spec,
+    eval_shape,
+    kernel_name,
+    linen_roles,
+    module_path,
+    nnx_roles,
+)
 
 _LINEN_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 _A, _B = "_lora_a", "_lora_b"
@@ -240,8 +248,7 @@ def _linen_rule(module, method: str, args, kwargs, next_fun, factors: LoraFactor
     with jax.named_scope("jlora/low_rank"):
       branch = _conv_branch(apply_a, kernel.shape, factors.scale)
       return y + _per_example(branch, _dropout(x, keep), a, b).astype(y.dtype)
-  axes = module.axis if isinstance(module, nn.DenseGeneral) else -1
-  axes = axes if isinstance(axes, tuple | list) else (axes,)
+  axes = as_tuple(module.axis) if isinstance(module, nn.DenseGeneral) else (-1,)
   in_axes = tuple(sorted(ax % x.ndim for ax in axes))  # DenseGeneral sorts its axes too
   return dense_product(x, in_axes, kernel, a, b, factors, next_fun(*args, **kwargs), keep=keep)
 

@@ -104,7 +104,8 @@ def _conv_roles(groups: int, ndim: int, path: str) -> AxisRoles:
   return AxisRoles("conv", tuple(range(ndim - 1)), (ndim - 1,))
 
 
-def _as_tuple(axis) -> tuple[int, ...]:
+def as_tuple(axis) -> tuple[int, ...]:
+  """A Flax axis or size argument (an int or a sequence of ints) as a tuple."""
   return tuple(axis) if isinstance(axis, tuple | list) else (axis,)
 
 
@@ -143,7 +144,7 @@ def linen_roles(module: nn.Module, ndim: int, path: str, spec: str | None = None
   if isinstance(module, nn.Dense):
     return AxisRoles("dense", (0,), (1,))
   if isinstance(module, nn.DenseGeneral):
-    return _dense_general_roles(len(_as_tuple(module.batch_dims)), len(_as_tuple(module.axis)),
+    return _dense_general_roles(len(as_tuple(module.batch_dims)), len(as_tuple(module.axis)),
                                 ndim, path)
   if isinstance(module, nn.Einsum):
     return _einsum_roles(spec or module.einsum_str, path)
@@ -159,7 +160,7 @@ def nnx_roles(module: nnx.Module, ndim: int, path: str) -> AxisRoles | None:
   if isinstance(module, nnx.Linear):
     return AxisRoles("dense", (0,), (1,))
   if isinstance(module, nnx.LinearGeneral):
-    return _dense_general_roles(len(module.batch_axis), len(_as_tuple(module.axis)),
+    return _dense_general_roles(len(module.batch_axis), len(as_tuple(module.axis)),
                                 ndim, path)
   if isinstance(module, nnx.Einsum):
     return _einsum_roles(module.einsum_str, path)
@@ -170,7 +171,6 @@ def nnx_roles(module: nnx.Module, ndim: int, path: str) -> AxisRoles | None:
 
 def nnx_kernel_shape(module: nnx.Module) -> tuple[int, ...] | None:
   """The kernel shape an NNX layer computes with (one layer of a stack), from its attributes."""
-  as_tuple = lambda x: tuple(x) if isinstance(x, tuple | list) else (x,)  # noqa: E731
   if isinstance(module, nnx.Embed):
     return (module.num_embeddings, module.features)
   if isinstance(module, nnx.Linear):
