@@ -18,13 +18,18 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def _is_leaf(x) -> bool:
+  """An `nnx.Variable` or a `jlora.quant.QuantizedArray` (marked, to avoid an import cycle)."""
+  return _is_variable(x) or getattr(type(x), "_jlora_leaf", False)
+
+
 def _value(leaf):
   return leaf.get_value() if _is_variable(leaf) else leaf
 
 
 def flatten(tree) -> dict[str, Any]:
-  """{path: array} for every leaf; an `nnx.Variable` counts as one leaf at its own path."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_variable)
+  """{path: array} for every leaf; an `nnx.Variable` or a `QuantizedArray` is one leaf."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_leaf)
   return {path_str(path): _value(leaf) for path, leaf in leaves}
 
 
@@ -37,7 +42,7 @@ def replace(tree, new: Mapping[str, Any]):
       return leaf
     return leaf.replace(value) if _is_variable(leaf) else value
 
-  return jax.tree.map_with_path(swap, tree, is_leaf=_is_variable)
+  return jax.tree.map_with_path(swap, tree, is_leaf=_is_leaf)
 
 
 def close_paths(paths, wanted: str, n: int = 5) -> str:
