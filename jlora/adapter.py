@@ -12,16 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora import _tree
+from jlora import _tree, program
 from jlora.config import LoraConfig
-from jlora.roles import (
-    AxisRoles,
-    from_letters,
-    nnx_kernel_shape,
-    nnx_roles,
-    trace_roles,
-    with_stack,
-)
+from jlora.roles import AxisRoles, from_letters, read_roles
 
 Params = Any  # a pytree of arrays: a linen variables dict, a params dict or an nnx.State
 
@@ -135,26 +128,14 @@ def _roles_without_model(path: str, leaf, config: LoraConfig) -> AxisRoles:
   )
 
 
-def _model_roles(model, variables, targets: dict[str, Any], args, kwargs) -> dict[str, AxisRoles]:
-  shapes = {path: tuple(leaf.shape) for path, leaf in targets.items()}
-  if isinstance(model, nnx.Module):
-    return _nnx_model_roles(model, shapes)
-  return trace_roles(model, variables, shapes, *args, **kwargs)
-
-
-def _nnx_model_roles(model: nnx.Module, shapes: dict[str, tuple[int, ...]]):
-  found = {}
-  for node_path, node in nnx.iter_graph(model):
-    if not isinstance(node, nnx.Module):
-      continue
-    for name in ("kernel", "embedding"):
-      path = "/".join(map(str, (*node_path, name)))
-      inner = nnx_kernel_shape(node)
-      if path in shapes and inner is not None:
-        roles = nnx_roles(node, len(inner), path)
-        if roles is not None:
-          found[path] = with_stack(roles, inner, shapes[path], path)
-  return found
+def _model_roles(model, tree, targets: dict[str, Any], args, kwargs) -> dict[str, AxisRoles]:
+  if isinstance(model, nnx.Module | nnx.GraphDef) and not (args or kwargs):
+    raise ValueError(
+        "jlora.init: axis roles are read from the program the NNX module runs, so it needs "
+        "example inputs. Fix: jlora.init(key, state, config, module, x) with an input x (an "
+        "array or a jax.ShapeDtypeStruct)."
+    )
+  return read_roles(program.as_function(model), tree, set(targets), args, kwargs)
 
 
 def _target_roles(targets, config, model, variables, args, kwargs) -> dict[str, AxisRoles]:
@@ -168,10 +149,10 @@ def _target_roles(targets, config, model, variables, args, kwargs) -> dict[str, 
       roles[path] = traced[path]
     elif model is not None and path in to_trace:
       raise ValueError(
-          f"{path} was selected by LoraConfig.targets, but no Dense, DenseGeneral, Einsum, Conv "
-          "or Embed module uses it as its kernel when the model runs (a bias, a norm scale or an "
-          "unused leaf cannot take a low-rank update). Fix: narrow the targets, or list it in "
-          "LoraConfig.trainable to train it in full."
+          f"{path} was selected by LoraConfig.targets, but no contraction, convolution or row "
+          "lookup consumes it when the model runs on the example inputs (a bias, a norm scale "
+          "or an unused leaf cannot take a low-rank update). Fix: narrow the targets, pass "
+          "inputs that reach it, or list it in LoraConfig.trainable to train it in full."
       )
     else:
       roles[path] = _roles_without_model(path, leaf, config)

@@ -1,478 +1,427 @@
-"""`wrap`: run a Flax model with an adapter, without ever differentiating its kernels.
+"""`wrap`: run any JAX model with an adapter, without ever differentiating its kernels.
 
-Every adapted contraction computes y = x·W + s·((x·Aᵀ)·B): the module's own x·W, plus the
-low-rank branch with its input flattened to (tokens, fan_in) and A stored as (rank, fan_in), so
-no adapter dot contracts two batch axes or needs a transposed copy (DESIGN.md §4). Autodiff
-then adds only rank-r products to the backward pass: dx gains s·(g·Bᵀ)·A, dA = s·(g·Bᵀ)ᵀ·x and
-dB = s·(x·Aᵀ)ᵀ·g. W is never a differentiated argument, so no (fan_in × fan_out) weight gradient
-is formed. (A merged forward x·(W + s·AᵀB) inside a custom VJP measured 1.13× the no-weight-
-gradient floor on the benchmark against 1.08× for this form, so jlora keeps the one path.)
+`jlora.program` traces the model's function and runs its program again with every adapted
+kernel tagged. Where a tagged kernel meets a contraction, this module adds the low-rank branch
+beside the model's own op, y = x·W + s·((x·Aᵀ)·B), in that op's output layout:
 
-Linen models are intercepted with the public `flax.linen.intercept_methods`; the factors travel
-inside the variables, beside their kernel (``kernel_lora_a``, ``kernel_lora_b``), so lifted
-transforms such as `nn.scan` and `nn.remat` slice and carry them like the kernel itself. NNX
-models are run through `nnx.merge` with the public injection points of their layers
-(``dot_general``, ``einsum_op``, ``conv_general_dilated``) set on the fresh copy.
+* `dot_general` (einsum, matmul, tensordot, ``x @ w.T``): the LoRA input is flattened to
+  (tokens, fan_in), with A stored as (rank, fan_in), so no adapter dot contracts two batch axes
+  or needs a transposed copy (DESIGN.md §4); a contraction over the kernel's output axes (a tied
+  read-out ``h @ table.T``) gets s·((h·Bᵀ)·A); kernel axes that the op batches over (per-expert
+  weights) get factors of their own per index;
+* `conv_general_dilated`: A as a convolution with the kernel's window and `rank` outputs, B as a
+  1×1 on its output;
+* `gather` of whole rows (an embedding lookup): the same rows of Aᵀ, times B.
+
+Autodiff then adds only rank-r products to the backward pass; W is never a differentiated
+argument, so no (fan_in × fan_out) weight gradient is formed. A quantized kernel is dequantized
+inside the op that uses it, under `jax.checkpoint`, so the backward recomputes it from the codes
+instead of keeping it. Any other use of an adapted kernel (``w * mask``, a kernel passed
+through a custom_vjp or returned) computes with W + ΔW for that use only, with one
+`MergedUseWarning` naming the kernel and the op.
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
-import string
+import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx, traverse_util
-from flax.core import unfreeze
+import numpy as np
+from flax import nnx
 
+from jlora import program
 from jlora.adapter import Adapter, LoraFactors
-from jlora.merge import check_fits, merge
-from jlora.roles import (
-    as_tuple,
-    einsum_spec,
-    eval_shape,
-    kernel_name,
-    linen_roles,
-    module_path,
-    nnx_roles,
-)
+from jlora.merge import check_fits, delta, merge
+from jlora.program import Tag
+from jlora.roles import AxisRoles, Use, use_of
 
-_LINEN_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
-_A, _B = "_lora_a", "_lora_b"
-_DN = (((1,), (1,)), ((), ()))  # (T, n) x (r, n) -> (T, r): contract the last axes of both
 DROPOUT_RNG = "lora_dropout"
-_BYPASS = contextvars.ContextVar("jlora_bypass", default=False)
+_NOTHING_SAVED = jax.checkpoint_policies.nothing_saveable
+
+
+class MergedUseWarning(UserWarning):
+  """An adapted kernel reached an op with no factored rule; that use computes with W + ΔW,
+  so its update trains through a full weight gradient there."""
 
 
 # ----------------------------------------------------------------------------------------------
-# The factored products, shared by linen and NNX.
+# Helpers on tags.
 
 
-def _dropout(x, keep):
-  if keep is None:
+def _now(tag: Tag, f: LoraFactors) -> LoraFactors:
+  """`f` as it applies to `tag`'s kernel: sliced stacked axes dropped, axes renumbered."""
+  keep = {ax: i for i, ax in enumerate(tag.axes)}
+  axes = lambda xs: tuple(keep[ax] for ax in xs if ax in keep)  # noqa: E731
+  roles = AxisRoles(f.roles.kind, axes(f.roles.contracting), axes(f.roles.features),
+                    axes(f.roles.stacked))
+  a, b = tag.lora
+  return LoraFactors(a=a, b=b, scale=f.scale, roles=roles,
+                     kernel_shape=tuple(f.kernel_shape[ax] for ax in tag.axes),
+                     dropout=f.dropout)
+
+
+def _remaining_stacked(tag: Tag, f: LoraFactors) -> list[int]:
+  return [ax for ax in f.roles.stacked if ax in tag.axes]
+
+
+def _is_routed(tag: Tag, f: LoraFactors) -> bool:
+  return tag.lora[0].ndim == len(_remaining_stacked(tag, f)) + 3
+
+
+def _with_kernel(tag: Tag, compute: Callable[[jax.Array], Any]):
+  """`compute(W)` with the value the program holds for the kernel; a quantized kernel is
+  dequantized inside a `jax.checkpoint`, so the backward recomputes it from the codes."""
+  if isinstance(tag.kernel, jax.Array | np.ndarray):
+    return compute(tag.view.apply(tag.kernel))
+  run = lambda kernel: compute(tag.view.apply(program.dense(kernel)))  # noqa: E731
+  return jax.checkpoint(run, policy=_NOTHING_SAVED)(tag.kernel)
+
+
+def _dropout(x, tag: Tag, f: LoraFactors):
+  if tag.key is None or not f.dropout:
     return x
-  rate, key = keep
-  mask = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(mask, x / (1.0 - rate), jnp.zeros_like(x))
+  key = tag.key if tag.key.ndim == 0 else tag.key.reshape(-1)[0]
+  keep = jax.random.bernoulli(key, 1.0 - f.dropout, x.shape)
+  return jnp.where(keep, x / (1.0 - f.dropout), jnp.zeros_like(x))
 
 
-def _per_example(branch, x, a, b):
-  """`branch(x, a, b)`, or, for per-example factors (a leading batch axis on a and b, as
-  `jlora.route` makes), each example of x through its own factors: a batched contraction."""
-  if a.ndim == 2:
-    return branch(x, a, b)
-  return jax.vmap(lambda xi, ai, bi: branch(xi[None], ai, bi)[0])(x, a, b)
+def _to_value_order(q, view, value_axes):
+  """Factor `q` (…, rank, fan) with fan in kernel order, as (…, rank, *value axes' sizes): its
+  fan atoms put in the order the value holds them."""
+  atoms = [i for ax in value_axes for i in view.axis_atoms(ax)]
+  ordered = sorted(atoms)
+  lead = q.shape[:-1]
+  q = q.reshape(*lead, *(view.atoms[i][1] for i in ordered))
+  n = len(lead)
+  q = q.transpose(*range(n), *(n + ordered.index(i) for i in atoms))
+  return q.reshape(*lead, *(view.shape[ax] for ax in value_axes))
 
 
-def _unflatten(y2, moved, n: int, out_dims):
-  """(tokens, fan_out) back to moved's batch axes + `out_dims`, keeping explicit shardings.
+# ----------------------------------------------------------------------------------------------
+# The factored branches.
 
-  On a mesh with explicit axes, the batch axes' partitioning cannot be inferred from the
-  flattened tokens axis, so it is stated; on automatic meshes XLA propagates it.
-  """
-  shape = moved.shape[:-n] + tuple(out_dims)
-  sharding = jax.typeof(moved).sharding
-  lead = tuple(getattr(sharding, "spec", ()))[: moved.ndim - n]
+
+def _dot_branch(eqn, ins, position: int, tag: Tag, f: LoraFactors, swapped: bool):
+  """s·((x·Aᵀ)·B) for a dot_general, in the dot's output layout."""
+  view, x = tag.view, ins[1 - position]
+  (contract, batch) = eqn.params["dimension_numbers"]
+  k_in, k_batch = contract[position], batch[position]
+  x_in, x_batch = contract[1 - position], batch[1 - position]
+  k_free = [ax for ax in range(len(view.groups)) if ax not in k_in and ax not in k_batch]
+  x_free = [ax for ax in range(x.ndim) if ax not in x_in and ax not in x_batch]
+  a, b = tag.lora
+  p, q = (b, a) if swapped else (a, b)
+  # Batch axes of the branch: the stacked kernel axes the dot batches over, then the routed
+  # example axis (x's leading axis).
+  by_source = {next(iter(view.sources([ax]))): x_ax for ax, x_ax in zip(k_batch, x_batch,
+                                                                        strict=True)
+               if view.axis_atoms(ax)}
+  groups = [by_source[ax] for ax in _remaining_stacked(tag, f)]
+  if _is_routed(tag, f):
+    n = p.shape[len(groups)]
+    if not x_free or x_free[0] != 0 or x.shape[0] != n:
+      raise ValueError(
+          f"{tag.path}: the routed adapter has {n} examples (len(ids) in jlora.route), but "
+          f"{eqn.primitive.name} reads an input of shape {x.shape} whose leading axis is not a "
+          "batch of that size. Fix: pass ids with one entry per example of the batch, and keep "
+          "the batch as the leading axis of the model's inputs."
+      )
+    groups.append(0)
+  tokens = [ax for ax in x_free if ax not in groups]
+  # x with its contracted axes cut into the kernel's atoms, then (*groups, tokens, fan_in).
+  shape, labels = [], []
+  for ax in range(x.ndim):
+    if ax in x_in:
+      atoms = view.axis_atoms(k_in[x_in.index(ax)])
+      shape += [view.atoms[i][1] for i in atoms]
+      labels += [("in", i) for i in atoms]
+    else:
+      shape.append(x.shape[ax])
+      labels.append(("x", ax))
+  fan_in = sorted(i for kind, i in labels if kind == "in")
+  order = [labels.index(("x", ax)) for ax in groups + tokens] + [
+      labels.index(("in", i)) for i in fan_in]
+  g_shape = [x.shape[ax] for ax in groups]
+  x3 = x.reshape(shape).transpose(order).reshape(*g_shape, -1, p.shape[-1])
+  x3 = _dropout(x3, tag, f)
+  n = len(groups)
+  batch_dims = (tuple(range(n)), tuple(range(n)))
+  u = jax.lax.dot_general(x3, p.astype(x.dtype), (((n + 1,), (n + 1,)), batch_dims))
+  u = u * jnp.asarray(f.scale, x.dtype)
+  v = jax.lax.dot_general(u, _to_value_order(q.astype(x.dtype), view, k_free),
+                          (((n + 1,), (n,)), batch_dims))
+  v = _unflatten(v, x, groups, tokens, [view.shape[ax] for ax in k_free])
+  have = [("x", ax) for ax in groups + tokens] + [("k", ax) for ax in k_free]
+  frees = [("x", ax) for ax in x_free], [("k", ax) for ax in k_free]
+  want = [("x", ax) for ax in x_batch] + (frees[0] + frees[1] if position == 1
+                                          else frees[1] + frees[0])
+  return v.transpose([have.index(label) for label in want])
+
+
+def _unflatten(v, x, groups, tokens, out_sizes):
+  """(*groups, T, *features) back to (*groups, *tokens, *features), keeping the input's
+  explicit shardings (on a mesh with explicit axes they cannot be inferred from T)."""
+  v = v.reshape(*v.shape[:len(groups) + 1], math.prod(out_sizes) if out_sizes else 1)
+  shape = (*(x.shape[ax] for ax in groups + tokens), *out_sizes)
+  sharding = jax.typeof(x).sharding
+  spec = tuple(getattr(sharding, "spec", ()))
+  spec = spec + (None,) * (x.ndim - len(spec))
+  lead = tuple(spec[ax] for ax in groups + tokens)
   if not any(lead):
-    return y2.reshape(shape)
-  spec = jax.sharding.PartitionSpec(*lead, *(None,) * len(out_dims))
-  return jax.lax.reshape(y2, shape, out_sharding=jax.sharding.NamedSharding(sharding.mesh, spec))
+    return v.reshape(shape)
+  out = jax.sharding.PartitionSpec(*lead, *(None,) * len(out_sizes))
+  return jax.lax.reshape(v, shape, out_sharding=jax.sharding.NamedSharding(sharding.mesh, out))
 
 
-def _dense_branch(in_axes, out_dims, scale):
-  """x -> s·((x·Aᵀ)·B) with the contracted axes flattened: the LoRA input is (tokens, fan_in)."""
-
-  def branch(x, a, b):
-    n = len(in_axes)
-    moved = jnp.moveaxis(x, tuple(ax % x.ndim for ax in in_axes), tuple(range(x.ndim - n,
-                                                                             x.ndim)))
-    x2 = moved.reshape(-1, a.shape[-1])
-    u = jax.lax.dot_general(x2, a.astype(x.dtype), _DN) * jnp.asarray(scale, x.dtype)
-    return _unflatten(u @ b.astype(x.dtype), moved, n, out_dims)
-
-  return branch
-
-
-def dense_product(x, in_axes, kernel, a, b, factors: LoraFactors, base, *, keep=None):
-  """base + s·(x·Aᵀ)·B for a kernel whose contracted axes lead, output in DenseGeneral layout.
-
-  `base` is the module's own x·W (with bias).
-  """
-  out_dims = kernel.shape[len(in_axes):]
-  in_axes = tuple(ax % x.ndim - x.ndim for ax in in_axes)  # negative: valid per example too
-  with jax.named_scope("jlora/low_rank"):
-    branch = _dense_branch(in_axes, out_dims, factors.scale)
-    return base + _per_example(branch, _dropout(x, keep), a, b).astype(base.dtype)
-
-
-def einsum_product(spec: str, x, kernel_shape, a, b, factors: LoraFactors, base, *, keep=None):
-  """y + s·(x·Aᵀ)·B for an Einsum kernel, with A and B reshaped to the kernel's axes."""
-  ins, out = spec.replace(" ", "").split("->")
-  x_letters, k_letters = ins.split(",")
-  r = next(c for c in string.ascii_letters if c not in spec)
-  contracted = "".join(c for c in k_letters if c in x_letters)
-  features = "".join(c for c in k_letters if c in out)
-  kept = "".join(c for c in x_letters if c in out)
-  sizes = dict(zip(k_letters, kernel_shape, strict=True))
+def _conv_branch(eqn, ins, tag: Tag, f: LoraFactors):
+  """s·conv(x, A)·B: A as a convolution with the kernel's window and `rank` outputs."""
+  view, (x, _) = tag.view, ins
+  numbers = eqn.params["dimension_numbers"]
+  out_source = next(iter(view.sources([numbers.rhs_spec[0]])))
+  now = _now(tag, f)
+  contracting = [tag.axes[i] for i in now.roles.contracting]
 
   def branch(x, a, b):
-    a_full = a.astype(x.dtype).reshape((a.shape[0], *(sizes[c] for c in contracted)))
-    b_full = b.astype(x.dtype).reshape((b.shape[0], *(sizes[c] for c in features)))
-    u = jnp.einsum(f"{x_letters},{r}{contracted}->{kept}{r}", x, a_full) * factors.scale
-    return jnp.einsum(f"{kept}{r},{r}{features}->{out}", u, b_full)
+    rank = a.shape[0]
+    a_full = a.reshape(rank, *(f.kernel_shape[ax] for ax in contracting))
+    a_full = jnp.moveaxis(a_full, 0, sum(ax < out_source for ax in contracting))
+    a_full = a_full.reshape([rank if ax == out_source else f.kernel_shape[ax]
+                             for ax in tag.axes])
+    a_value = view.apply(a_full, sizes={out_source: rank}).astype(x.dtype)
+    u = program.bind(eqn, [x, a_value])[0]
+    channel = numbers.out_spec[1]
+    u = jnp.moveaxis(u, channel, -1) * jnp.asarray(f.scale, x.dtype)
+    return jnp.moveaxis(u @ b.astype(x.dtype), -1, channel)
 
-  with jax.named_scope("jlora/low_rank"):
-    return base + _per_example(branch, _dropout(x, keep), a, b).astype(base.dtype)
-
-
-def _conv_branch(conv_a: Callable, kernel_shape, scale):
-  """x -> s·conv(x, A)·B: A as a conv with the base window and `rank` features, B as a 1×1."""
-
-  def branch(x, a, b):
-    u = conv_a(x, a.astype(x.dtype).T.reshape((*kernel_shape[:-1], a.shape[0])))
-    v = u.reshape(-1, u.shape[-1]) @ (b.astype(x.dtype) * scale)
-    return v.reshape((*u.shape[:-1], b.shape[-1]))
-
-  return branch
+  x = _dropout(x, tag, f)
+  a, b = tag.lora
+  if _is_routed(tag, f):
+    return jax.vmap(lambda xi, ai, bi: branch(xi[None], ai, bi)[0])(x, a, b)
+  return branch(x, a, b)
 
 
-def _embed_branch(dtype, scale):
-  def branch(ids, a, b):
-    u = jnp.take(a.T, ids, axis=0).astype(dtype) * scale
-    return (u.reshape(-1, a.shape[0]) @ b.astype(dtype)).reshape((*ids.shape, b.shape[-1]))
-
-  return branch
-
-
-def _attend_branch(scale):
-  def branch(q, a, b):
-    u = jax.lax.dot_general(q.reshape(-1, q.shape[-1]), b.astype(q.dtype), _DN) * scale
-    return (u @ a.astype(q.dtype)).reshape((*q.shape[:-1], a.shape[-1]))
-
-  return branch
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks and fallbacks.
-
-
-def _check_roles(path: str, expected, factors: LoraFactors) -> None:
-  recorded = factors.roles.unstacked()
-  if expected is not None and (expected.kind, expected.contracting, expected.features) != (
-      recorded.kind, recorded.contracting, recorded.features):
-    raise ValueError(
-        f"{path}: the adapter records axis roles {recorded} for one layer's kernel, but the "
-        f"module that uses it contracts {expected}. Fix: make the adapter with "
-        "jlora.init(key, variables, config, model.apply, x) for this model."
-    )
-
-
-def _warn_fallback(paths) -> None:
-  warnings.warn(
-      f"jlora.wrap: no factored rule for {', '.join(sorted(paths))}; these kernels are merged "
-      "(W + s·AᵀB), so their updates train through a full weight gradient.",
-      stacklevel=3,
-  )
-
-
-# ----------------------------------------------------------------------------------------------
-# Linen.
-
-
-def _inject(variables, adapter: Adapter):
-  """The variables with each kernel's factors beside it, stacked axes where the kernel has them."""
-  flat = traverse_util.flatten_dict(unfreeze(variables), sep="/")
-  for path, factors in adapter.lora.items():
-    stacked = factors.roles.stacked
-    positions = tuple(range(len(stacked)))
-    flat[path + _A] = jnp.moveaxis(factors.a, positions, stacked)
-    flat[path + _B] = jnp.moveaxis(factors.b, positions, stacked)
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def _linen_dropout(module, factors: LoraFactors):
-  if factors.dropout and module.has_rng(DROPOUT_RNG):
-    return factors.dropout, module.make_rng(DROPOUT_RNG)
-  return None
-
-
-def _has_rule(module, method: str) -> bool:
-  """Whether a factored rule computes exactly what this module's `method` does.
-
-  Subclasses that override the method, and masked convolutions (no low-rank form of
-  (W + s·AᵀB)·mask), are left to the merged fallback.
-  """
-  if _BYPASS.get() or method not in ("__call__", "attend"):
-    return False
-  for base in _LINEN_MODULES:
-    if isinstance(module, base):
-      own = getattr(type(module), method, None)
-      return own is not None and own is getattr(base, method, None) and getattr(
-          module, "mask", None) is None
-  return False
-
-
-def _linen_rule(module, method: str, args, kwargs, next_fun, factors: LoraFactors, path: str):
-  name = kernel_name(module)
-  kernel = module.get_variable("params", name)
-  spec = einsum_spec(module, args, kwargs) if isinstance(module, nn.Einsum) else None
-  _check_roles(path, linen_roles(module, kernel.ndim, path, spec), factors)
-  a, b = module.get_variable("params", name + _A), module.get_variable("params", name + _B)
-  x = args[0] if args else kwargs["query" if method == "attend" else "inputs"]
-  if isinstance(module, nn.Embed):
-    y = next_fun(*args, **kwargs)
-    branch = _attend_branch(factors.scale) if method == "attend" else _embed_branch(
-        y.dtype, factors.scale)
-    with jax.named_scope("jlora/low_rank"):
-      return y + _per_example(branch, x, a, b).astype(y.dtype)
-  keep = _linen_dropout(module, factors)
-  if isinstance(module, nn.Einsum):
-    return einsum_product(spec, x, kernel.shape, a, b, factors, next_fun(*args, **kwargs),
-                          keep=keep)
-  if isinstance(module, nn.Conv):
-    y = next_fun(*args, **kwargs)
-    conv_a = module.clone(parent=None, features=a.shape[-2], use_bias=False)
-
-    def apply_a(x, k):
-      token = _BYPASS.set(True)  # the rank-r helper conv is not itself adapted
-      try:
-        return conv_a.apply({"params": {"kernel": k}}, x)
-      finally:
-        _BYPASS.reset(token)
-
-    with jax.named_scope("jlora/low_rank"):
-      branch = _conv_branch(apply_a, kernel.shape, factors.scale)
-      return y + _per_example(branch, _dropout(x, keep), a, b).astype(y.dtype)
-  axes = as_tuple(module.axis) if isinstance(module, nn.DenseGeneral) else (-1,)
-  in_axes = tuple(sorted(ax % x.ndim for ax in axes))  # DenseGeneral sorts its axes too
-  return dense_product(x, in_axes, kernel, a, b, factors, next_fun(*args, **kwargs), keep=keep)
-
-
-def _linen_interceptor(adapter: Adapter, seen: dict[str, bool]):
-  def intercept(next_fun, args, kwargs, context):
-    module = context.module
-    method = context.method_name
-    if _has_rule(module, method):
-      path = module_path(module)
-      factors = adapter.lora.get(path)
-      if factors is not None:
-        seen[path] = True
-        return _linen_rule(module, method, args, kwargs, next_fun, factors, path)
-    for name in ("kernel", "embedding"):
-      path = "/".join(("params", *module.path, name))
-      if path in adapter.lora:
-        seen.setdefault(path, False)
-    return next_fun(*args, **kwargs)
-
-  return intercept
-
-
-def _without(adapter: Adapter, paths) -> Adapter:
-  return Adapter(lora={p: f for p, f in adapter.lora.items() if p not in paths},
-                 extras=adapter.extras)
-
-
-def _only(adapter: Adapter, paths) -> Adapter:
-  return Adapter(lora={p: adapter.lora[p] for p in paths}, extras=adapter.extras)
-
-
-def _unused_error(paths) -> ValueError:
-  return ValueError(
-      f"jlora.wrap: the adapter's kernels {', '.join(sorted(paths))} are not used by any module "
-      "when the model runs. Fix: make the adapter for this model and pass the tree given to "
-      "jlora.init (for model.apply, the variables dict {'params': ...})."
-  )
-
-
-def _classify(apply_fn, variables, adapter, args, kwargs) -> tuple[set, set]:
-  """Runs the model abstractly: which adapter paths have a factored rule, which need merging."""
-  seen: dict[str, bool] = {}
-  with nn.intercept_methods(_linen_interceptor(adapter, seen)):
-    eval_shape(apply_fn, _inject(variables, adapter), *args, **kwargs)
-  unused = set(adapter.lora) - set(seen)
-  if unused:
-    raise _unused_error(unused)
-  return {p for p, ok in seen.items() if ok}, {p for p, ok in seen.items() if not ok}
-
-
-def _check_fallback(adapter: Adapter, fallback) -> None:
-  routed = [p for p in fallback
-            if adapter.lora[p].a.ndim != len(adapter.lora[p].roles.stacked) + 2]
+def _gather_branch(eqn, ins, tag: Tag, f: LoraFactors):
+  """s·Aᵀ[ids]·B for a lookup of whole rows of a 2-D table."""
+  view, (_, ids) = tag.view, ins
+  numbers = eqn.params["dimension_numbers"]
+  row = numbers.collapsed_slice_dims[0]
+  feature = 1 - row
+  channel = numbers.offset_dims[0]
+  a, b = tag.lora
+  routed = _is_routed(tag, f)
+  rank, rows = a.shape[-2], a.shape[-1]
+  table = jnp.swapaxes(a, -1, -2)  # (…, rows, rank)
+  if routed:  # one table of B·rows rows; example i reads its own block
+    table = table.reshape(-1, rank)
+    ids = ids + (rows * jnp.arange(ids.shape[0], dtype=ids.dtype)).reshape(
+        (-1,) + (1,) * (ids.ndim - 1))
+  table = table if row == 0 else table.T
+  sizes = list(eqn.params["slice_sizes"])
+  sizes[feature] = rank
+  params = dict(eqn.params, slice_sizes=tuple(sizes))
+  u = eqn.primitive.bind(table.astype(view.dtype), ids, **params)
+  u = jnp.moveaxis(u, channel, -1) * jnp.asarray(f.scale, u.dtype)
+  q = _to_value_order(b.astype(u.dtype), view, [feature])
   if routed:
-    raise ValueError(
-        f"jlora.wrap: {', '.join(sorted(routed))} has no factored rule, so per-example "
-        "(routed) factors cannot be applied to it. Fix: exclude it from the adapters you route."
-    )
-  if fallback:
-    _warn_fallback(fallback)
-
-
-def _wrap_linen(apply_fn: Callable[..., Any]):
-  @functools.wraps(apply_fn)
-  def lora_apply(variables, adapter: Adapter, *args, **kwargs):
-    check_fits(variables, adapter)
-    _, fallback = _classify(apply_fn, variables, adapter, args, kwargs)
-    _check_fallback(adapter, fallback)
-    variables = merge(variables, _only(adapter, fallback))  # also sets the trained extras
-    adapter = _without(adapter, fallback)
-    with nn.intercept_methods(_linen_interceptor(adapter, {})):
-      return apply_fn(_inject(variables, adapter), *args, **kwargs)
-
-  return lora_apply
+    lead = u.shape[:-1]
+    v = jax.lax.dot_general(u.reshape(lead[0], -1, rank), q, (((2,), (1,)), ((0,), (0,))))
+    v = v.reshape(*lead, -1)
+  else:
+    v = u @ q
+  return jnp.moveaxis(v, -1, channel)
 
 
 # ----------------------------------------------------------------------------------------------
-# NNX.
+# The rules.
 
 
-class _LoraOp:
-  """A replacement for an NNX layer's injected op that adds the low-rank update."""
-
-  def __init__(self, base, path: str, factors: LoraFactors, keep, ran: set):
-    self.base, self.path, self.factors, self.keep, self.ran = base, path, factors, keep, ran
-
-
-class _LoraDotGeneral(_LoraOp):
-  def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
-    self.ran.add(self.path)
-    (x_axes, _), _ = dimension_numbers
-    f = self.factors
-    base = self.base(x, kernel, dimension_numbers, precision=precision, **kwargs)
-    return dense_product(x, x_axes, kernel, f.a, f.b, f, base, keep=self.keep)
+def _roles_error(path: str, roles: AxisRoles, use: Use) -> ValueError:
+  return ValueError(
+      f"{path}: the adapter records fan_in axes {roles.contracting} and fan_out axes "
+      f"{roles.features} for this kernel, but the program's {use.op} contracts its axes "
+      f"{sorted(use.contracting)} with the input (a kernel stored (out, in) and used as "
+      "x @ w.T has fan_in axis 1). Fix: make the adapter with jlora.init(key, tree, config, "
+      "fn, *example_args) so that its roles are read from this program, or state them in "
+      "LoraConfig.roles."
+  )
 
 
-class _LoraEinsum(_LoraOp):
-  def __call__(self, spec, x, kernel, **kwargs):
-    self.ran.add(self.path)
-    f = self.factors
-    return einsum_product(spec, x, kernel.shape, f.a, f.b, f,
-                          self.base(spec, x, kernel, **kwargs), keep=self.keep)
+@dataclasses.dataclass
+class _Factored(program.Rules):
+  """Adds the low-rank branch at every factorable use of an adapted kernel."""
 
+  factors: dict[str, LoraFactors]
+  warned: set = dataclasses.field(default_factory=set)
 
-class _LoraConv(_LoraOp):
-  def __call__(self, x, kernel, *args, **kwargs):
-    self.ran.add(self.path)
-    f = self.factors
-    apply_a = lambda x, k: self.base(x, k, *args, **kwargs)  # noqa: E731
-    y = self.base(x, kernel, *args, **kwargs)
-    branch = _conv_branch(apply_a, kernel.shape, f.scale)
+  def stacked_axes(self, tag):
+    f = self.factors.get(tag.path)
+    return f.roles.stacked if f is not None else ()
+
+  def sliced(self, tag, axis, op):
+    f = self.factors.get(tag.path)
+    return f is None or axis in f.roles.stacked
+
+  def use_as_value(self, tag, op="an output"):
+    f = self.factors.get(tag.path)
+    if f is None:
+      return super().use_as_value(tag, op)
+    if _is_routed(tag, f):
+      raise ValueError(
+          f"jlora.wrap: {tag.path} reaches {op}, which has no factored rule, so per-example "
+          "(routed) factors cannot be applied to it. Fix: exclude it from the adapters you "
+          "route, or serve them one at a time with jlora.select."
+      )
+    if (tag.path, op) not in self.warned:
+      self.warned.add((tag.path, op))
+      warnings.warn(
+          f"jlora.wrap: {tag.path} is used by {op}, which has no factored rule; that use "
+          "computes with W + ΔW, so its update trains through a full weight gradient there.",
+          MergedUseWarning, stacklevel=2)
+    w = program.dense(tag.kernel)
+    merged = (w.astype(jnp.float32) + delta(_now(tag, f))).astype(w.dtype)
+    return tag.view.apply(merged)
+
+  def use(self, eqn, invals):
+    tagged = [k for k, x in enumerate(invals) if isinstance(x, Tag)]
+    if len(tagged) == 1:
+      position = tagged[0]
+      tag = invals[position]
+      found = use_of(eqn, tag, position)
+      if found is not None:
+        factored = self._factored(eqn, invals, position, tag, found)
+        if factored is not None:
+          return factored
+    return super().use(eqn, invals)
+
+  def _swapped(self, tag: Tag, f: LoraFactors, use: Use) -> bool | None:
+    """Whether `use` contracts the kernel's fan_out axes (a tied read-out); None if the use
+    batches over other axes than the remaining stacked ones (no factored rule then)."""
+    if set(use.batch) != set(_remaining_stacked(tag, f)):
+      return None
+    ones = {ax for ax, n in enumerate(f.kernel_shape) if n == 1}
+    recorded = (set(f.roles.contracting) - ones, set(f.roles.features) - ones)
+    if (set(use.contracting), set(use.features)) == recorded:
+      return False
+    if use.kind == "dense" and (set(use.features), set(use.contracting)) == recorded:
+      return True
+    raise _roles_error(tag.path, f.roles, use)
+
+  def _factored(self, eqn, ins, position, tag: Tag, use: Use):
+    f = self.factors.get(tag.path)
+    if f is not None:
+      swapped = self._swapped(tag, f, use)
+      if swapped is None or swapped and use.kind != "dense":
+        return None
+
+    def base(w):
+      return program.bind(eqn, [w if k == position else x for k, x in enumerate(ins)])
+
+    if f is None:
+      return _with_kernel(tag, base)
     with jax.named_scope("jlora/low_rank"):
-      return y + _per_example(branch, _dropout(x, self.keep), f.a, f.b).astype(y.dtype)
+      if use.kind == "dense":
+        branch = _dot_branch(eqn, ins, position, tag, f, swapped)
+      elif use.kind == "conv":
+        branch = _conv_branch(eqn, ins, tag, f)
+      else:
+        branch = _gather_branch(eqn, ins, tag, f)
+    (y,) = _with_kernel(tag, base)
+    return [y + branch.astype(y.dtype)]
 
 
-def _nnx_has_rule(module, factors: LoraFactors) -> bool:
-  """Whether the layer has an injection point that computes the factored update exactly."""
-  if factors.roles.stacked or getattr(module, "mask", None) is not None:
-    return False
-  if isinstance(module, nnx.Linear | nnx.LinearGeneral):
-    return getattr(module, "dot_general_cls", None) is None  # else Flax ignores `dot_general`
-  return isinstance(module, nnx.Einsum | nnx.Conv)
+# ----------------------------------------------------------------------------------------------
+# wrap.
 
 
-def _patch_nnx(module, path: str, factors: LoraFactors, keep, ran: set) -> None:
-  """Sets the LoRA op on the injection point of a layer for which `_nnx_has_rule` holds."""
-  if isinstance(module, nnx.Linear | nnx.LinearGeneral):
-    base = module.dot_general or jax.lax.dot_general
-    module.dot_general = _LoraDotGeneral(base, path, factors, keep, ran)
-  elif isinstance(module, nnx.Einsum):
-    module.einsum_op = _LoraEinsum(module.einsum_op, path, factors, keep, ran)
-  else:
-    module.conv_general_dilated = _LoraConv(module.conv_general_dilated, path, factors, keep,
-                                            ran)
+def _dropout_key(key, kwargs: dict):
+  """The LoRA dropout key: ``dropout_key=``, or a linen call's ``rngs={"lora_dropout": k}``
+  (taken out of the call's rngs)."""
+  rngs = kwargs.get("rngs")
+  if isinstance(rngs, dict) and DROPOUT_RNG in rngs:
+    rest = {k: v for k, v in rngs.items() if k != DROPOUT_RNG}
+    if rest:
+      kwargs["rngs"] = rest
+    else:
+      del kwargs["rngs"]
+    key = rngs[DROPOUT_RNG] if key is None else key
+  if key is not None and not jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  return key
 
 
-def _nnx_layers(model, adapter: Adapter) -> dict:
-  """{adapter path: the layer that owns that kernel}, checking each layer's axis roles."""
-  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model)
-             if isinstance(m, nnx.Module)}
-  layers = {}
-  for path, factors in adapter.lora.items():
-    module_key, _, name = path.rpartition("/")
-    module = modules.get(module_key)
-    if module is None or kernel_name(module) != name:
-      raise _unused_error([path])
-    inner = getattr(module, name)[...].shape[len(factors.roles.stacked):]
-    _check_roles(path, nnx_roles(module, len(inner), path), factors)
-    layers[path] = module
-  return layers
+def _tags(traced: program.Program, adapter: Adapter, key) -> dict[str, Tag]:
+  leaves = dict(zip(traced.leaf_paths, traced.leaves, strict=True))
+  tags = {p: Tag.of(p, x) for p, x in leaves.items() if not program.is_array(x)}  # quantized
+  for i, path in enumerate(sorted(adapter.lora)):
+    f = adapter.lora[path]
+    lora_key = jax.random.fold_in(key, i) if key is not None and f.dropout else None
+    tags[path] = Tag.of(path, leaves[path], (f.a, f.b), lora_key)
+  return tags
 
 
-def _wrap_nnx(graphdef, method: str):
-  def lora_apply(state, adapter: Adapter, *args, dropout_key: jax.Array | None = None, **kwargs):
-    check_fits(state, adapter)
-    model = nnx.merge(graphdef, merge(state, Adapter(lora={}, extras=adapter.extras)))
-    layers = _nnx_layers(model, adapter)
-    fallback = {p for p, m in layers.items() if not _nnx_has_rule(m, adapter.lora[p])}
-    _check_fallback(adapter, fallback)
-    if fallback:  # a fresh copy: the caller's state is never written
-      model = nnx.merge(graphdef, merge(state, _only(adapter, fallback)))
-      layers = _nnx_layers(model, adapter)
-    ran: set[str] = set()
-    for i, (path, factors) in enumerate(sorted(adapter.lora.items())):
-      if path in fallback:
-        continue
-      keep = None
-      if dropout_key is not None and factors.dropout:
-        keep = (factors.dropout, jax.random.fold_in(dropout_key, i))
-      _patch_nnx(layers[path], path, factors, keep, ran)
-    out = getattr(model, method)(*args, **kwargs)
-    unused = set(adapter.lora) - fallback - ran
-    if unused:
-      raise _unused_error(unused)
-    return out
+def wrap(fn: Callable[..., Any] | nnx.GraphDef | nnx.Module, *, method: str = "__call__"):
+  """Turns a model's function into one that also takes an adapter, factored.
 
-  return lora_apply
+  `fn` is any JAX function of a parameter tree, ``fn(tree, *args, **kwargs)``: a linen
+  ``model.apply`` whatever its layers (Flax's own, a layer with its own param named ``w`` used
+  by `jnp.einsum`, a kernel stored (out, in) used as ``x @ w.T``, a tied read-out), a plain
+  function of a dict of arrays, or an NNX graphdef or module (run as ``getattr(nnx.merge(
+  graphdef, state), method)``). ``jlora.wrap(fn)(tree, adapter, *args, **kwargs)`` equals
+  ``fn(jlora.merge(tree, adapter), *args, **kwargs)`` in outputs, and its gradients with
+  respect to the adapter are those of the merged model, but no kernel is ever differentiated.
 
+  The update is added at every contraction (`dot_general`, `conv_general_dilated`) and row
+  lookup of an adapted kernel, inside `jax.jit`, `scan` (stacked kernels and their factors are
+  sliced together), `checkpoint`/remat (same policy), `cond`/`switch` and `while`. Any other use
+  computes with W + ΔW for that use only and warns once (`MergedUseWarning`). Adapter kernels
+  that the call never uses are allowed. Quantized kernels (`jlora.quantize`) are dequantized in
+  the op that uses them and recomputed in the backward pass.
 
-def wrap(apply_fn: Callable[..., Any] | nnx.GraphDef | nnx.Module, *, method: str = "__call__"):
-  """Turns a model's apply function into one that also takes an adapter, factored.
-
-  For linen, `jlora.wrap(model.apply)(variables, adapter, *args, **kwargs)` equals
-  `model.apply(jlora.merge(variables, adapter), *args, **kwargs)` in outputs, and its
-  gradients with respect to the adapter are those of the merged model, but no kernel is ever
-  differentiated. LoRA dropout is on only when the call gets a ``"lora_dropout"`` rng
-  (`rngs={"lora_dropout": key}`); nn.scan users add that name to ``split_rngs`` for
-  per-layer masks.
-
-  For NNX, pass the graphdef (or the module): `jlora.wrap(graphdef)(state, adapter, *args,
-  dropout_key=None, **kwargs)` runs `nnx.merge(graphdef, state)` with the update added to each
-  adapted Linear, LinearGeneral, Einsum and Conv.
-
-  Kernels whose module has no factored rule (a custom module, a subclass that overrides
-  ``__call__``, a masked Conv, NNX Embed, stacked NNX layers) are merged instead, with a
-  warning naming them. A kernel read outside its own module (e.g. tied weights taken from
-  ``module.variables``) is not seen by the interception: use it through the module (as
-  ``nn.Embed.attend`` does) or give it no adapter.
+  LoRA dropout is on only when the call gets a key: ``dropout_key=key``, or for linen the
+  ``rngs={"lora_dropout": key}`` of ``model.apply``; each kernel (and each layer of a scanned
+  stack) gets its own mask.
 
   Args:
-    apply_fn: a linen ``model.apply``, or an NNX graphdef or module.
+    fn: the model's function, or an NNX graphdef or module.
     method: for NNX, the name of the module method to call.
 
   Returns:
-    A function ``(tree given to jlora.init, adapter, *args, **kwargs) -> outputs``.
+    A function ``(tree given to jlora.init, adapter, *args, dropout_key=None, **kwargs) ->
+    outputs``.
 
   Raises:
-    ValueError: when called, if an adapter path is not in the tree, is used by no module, or
-      its recorded axis roles differ from those of the module that uses it.
+    ValueError: when called, if an adapter path is not in the tree, or its recorded axis roles
+      differ from those the program gives the kernel, or routed factors reach an op with no
+      factored rule or a batch of another size.
 
   Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
-    >>> model = nn.Dense(3)
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> def mlp(params, x):  # any function of a dict of arrays
+    ...   return jnp.tanh(x @ params["w1"]) @ params["w2"].T  # w2 is stored (out, in)
+    >>> params = {"w1": jnp.ones((4, 8)) / 4, "w2": jnp.ones((3, 8)) / 8}
     >>> x = jnp.ones((2, 4))
-    >>> variables = model.init(jax.random.key(0), x)
-    >>> config = jlora.LoraConfig(rank=2, alpha=4.0, targets=".*kernel")
-    >>> adapter = jlora.init(jax.random.key(1), variables, config)
-    >>> y = jax.jit(jlora.wrap(model.apply))(variables, adapter, x)
-    >>> bool(jnp.allclose(y, model.apply(jlora.merge(variables, adapter), x)))
+    >>> config = jlora.LoraConfig(rank=2, alpha=4.0, targets="w.")
+    >>> adapter = jlora.init(jax.random.key(1), params, config, mlp, x)
+    >>> adapter.lora["w2"].roles.contracting  # read from the program: x @ w2.T
+    (1,)
+    >>> adapter = jax.tree.map(lambda t: t + 0.1, adapter)  # as if trained
+    >>> y = jax.jit(jlora.wrap(mlp))(params, adapter, x)
+    >>> bool(jnp.allclose(y, mlp(jlora.merge(params, adapter), x), atol=1e-6))
     True
   """
-  if isinstance(apply_fn, nnx.Module):
-    apply_fn = nnx.graphdef(apply_fn)
-  if isinstance(apply_fn, nnx.GraphDef):
-    return _wrap_nnx(apply_fn, method)
-  return _wrap_linen(apply_fn)
+  call = program.as_function(fn, method)
+
+  def lora_apply(tree, adapter: Adapter, *args, dropout_key=None, **kwargs):
+    check_fits(tree, adapter)
+    kwargs = dict(kwargs)
+    key = _dropout_key(dropout_key, kwargs)
+    tree = merge(tree, Adapter(lora={}, extras=adapter.extras))
+    traced = program.trace(call, tree, args, kwargs)
+    return program.run(traced, _tags(traced, adapter, key), _Factored(dict(adapter.lora)))
+
+  return lora_apply

@@ -1,17 +1,18 @@
 """Axis roles of a kernel: which axes are stacked, contracted with the input, or outputs.
 
-Roles come from the module that uses the kernel, never from its shape alone:
+Roles come from the program that uses the kernel, never from its shape alone. `read_roles`
+traces ``fn(tree, *args)`` (`jlora.program`) and looks at every op that consumes a targeted
+kernel, whatever layer class (or none) produced it:
 
-* `trace_roles` runs a linen apply function abstractly (`jax.eval_shape`) under
-  `flax.linen.intercept_methods` and reads each Dense, DenseGeneral, Einsum, Conv and Embed
-  module's own configuration;
-* `nnx_roles` reads the same from the submodules of an NNX model;
-* without a model, a 2-D kernel is (input, output), an ``embedding`` leaf is a lookup table,
-  and `LoraConfig.roles` states anything else explicitly.
+* a contraction (`dot_general`: einsum, matmul, ``x @ w.T``): the kernel axes it contracts with
+  the input are fan_in, its free axes fan_out, and axes it treats as batch axes (per-expert
+  weights) are stacked, with factors of their own per index;
+* a convolution: the window and input-channel axes are fan_in, the output channels fan_out;
+* a lookup (`gather` of whole rows, `jnp.take`, ``table[ids]``): rows are fan_in, kind "embed";
+* an axis that a scan slices, or that the program indexes (``w[i]``), is stacked.
 
-Stacked axes (the layer axis of an `nn.scan`'d stack) are the kernel's extra leading axes:
-the outer kernel has more axes than the one the module sees, and the module's kernel must equal
-its trailing axes. A stack with the layer axis elsewhere needs `LoraConfig.roles`.
+Without a program, a 2-D kernel is (input, output), an ``embedding`` leaf is a lookup table,
+and `LoraConfig.roles` states anything else explicitly.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
-import numpy as np
-from flax import nnx
+
+from jlora import program
 
 KINDS = ("dense", "conv", "embed")
 
@@ -68,162 +68,135 @@ def from_letters(letters: str, kind: str = "dense") -> AxisRoles:
   return AxisRoles(kind, axes("i"), axes("o"), axes("s"))
 
 
-def _einsum_roles(spec: str, path: str) -> AxisRoles:
-  inputs, out = spec.replace(" ", "").split("->")
-  x, kernel = inputs.split(",")
-  shared = [c for c in kernel if c in x and c in out]
-  summed = [c for c in kernel if c not in x and c not in out]
-  if shared or summed:
-    raise ValueError(
-        f"{path}: the Einsum {spec!r} uses kernel axes {''.join(shared + summed)!r} that are "
-        "neither purely contracted nor purely output; jlora cannot give it a low-rank update. "
-        "Fix: exclude this kernel from LoraConfig.targets."
-    )
-  return AxisRoles(
-      "dense",
-      tuple(i for i, c in enumerate(kernel) if c in x),
-      tuple(i for i, c in enumerate(kernel) if c in out),
-  )
 
 
-def _dense_general_roles(n_batch: int, n_axis: int, ndim: int, path: str) -> AxisRoles:
-  if n_batch:
-    raise ValueError(
-        f"{path}: DenseGeneral with batch_dims shares kernel axes with the input; jlora "
-        "cannot give it one low-rank update. Fix: exclude it from LoraConfig.targets."
-    )
-  return AxisRoles("dense", tuple(range(n_axis)), tuple(range(n_axis, ndim)))
+# ----------------------------------------------------------------------------------------------
+# Reading roles from the program.
 
 
-def _conv_roles(groups: int, ndim: int, path: str) -> AxisRoles:
-  if groups != 1:
-    raise ValueError(
-        f"{path}: a grouped convolution ({groups=}) has no single low-rank update. "
-        "Fix: exclude it from LoraConfig.targets."
-    )
-  return AxisRoles("conv", tuple(range(ndim - 1)), (ndim - 1,))
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """What one op of the program does with a kernel, in the kernel's own axes.
 
-
-def as_tuple(axis) -> tuple[int, ...]:
-  """A Flax axis or size argument (an int or a sequence of ints) as a tuple."""
-  return tuple(axis) if isinstance(axis, tuple | list) else (axis,)
-
-
-def einsum_spec(module, args, kwargs) -> str | None:
-  """The equation an `nn.Einsum` call uses: given at call time, or the module's own."""
-  given = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-  return given or module.einsum_str
-
-
-def eval_shape(fn: Callable[..., Any], *args, **kwargs):
-  """`jax.eval_shape(fn, *args, **kwargs)` with only the array leaves made abstract.
-
-  Flags, strings and functions among the arguments (``deterministic=True``, ``method=...``)
-  reach `fn` as they are.
+  Attributes:
+    kind: ``"dense"`` (dot_general), ``"conv"`` or ``"embed"`` (a gather of whole rows).
+    contracting: kernel axes the op contracts with its input (rows, for a lookup).
+    features: kernel axes that reach the op's output.
+    batch: kernel axes the op treats as batch axes (one weight per index: per-expert).
+    op: the op's name, for messages.
   """
-  leaves, treedef = jax.tree.flatten((args, kwargs))
-  is_array = [isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) for x in leaves]
 
-  def run(arrays):
-    it = iter(arrays)
-    full = [next(it) if array else x for x, array in zip(leaves, is_array, strict=True)]
-    call_args, call_kwargs = jax.tree.unflatten(treedef, full)
-    return fn(*call_args, **call_kwargs)
-
-  return jax.eval_shape(run, [x for x, array in zip(leaves, is_array, strict=True) if array])
+  kind: str
+  contracting: frozenset[int]
+  features: frozenset[int]
+  batch: frozenset[int]
+  op: str
 
 
-def linen_roles(module: nn.Module, ndim: int, path: str, spec: str | None = None
-                ) -> AxisRoles | None:
-  """Roles of the kernel of a linen module, or None for a module jlora does not adapt.
-
-  `spec` is the equation of an `nn.Einsum` call (default: the module's own).
-  """
-  if isinstance(module, nn.Embed):
-    return AxisRoles("embed", (0,), (1,))
-  if isinstance(module, nn.Dense):
-    return AxisRoles("dense", (0,), (1,))
-  if isinstance(module, nn.DenseGeneral):
-    return _dense_general_roles(len(as_tuple(module.batch_dims)), len(as_tuple(module.axis)),
-                                ndim, path)
-  if isinstance(module, nn.Einsum):
-    return _einsum_roles(spec or module.einsum_str, path)
-  if isinstance(module, nn.Conv):
-    return _conv_roles(module.feature_group_count, ndim, path)
-  return None
+def _whole_axes(view, axes) -> frozenset[int] | None:
+  """The kernel axes held by `axes`, if each of them is one whole kernel axis."""
+  found = set()
+  for ax in axes:
+    atoms = view.axis_atoms(ax)
+    if len(atoms) > 1:
+      return None
+    if atoms:
+      src = view.sources([ax])
+      if src is None:
+        return None
+      found |= src
+  return frozenset(found)
 
 
-def nnx_roles(module: nnx.Module, ndim: int, path: str) -> AxisRoles | None:
-  """Roles of the kernel of an NNX module, or None for a module jlora does not adapt."""
-  if isinstance(module, nnx.Embed):
-    return AxisRoles("embed", (0,), (1,))
-  if isinstance(module, nnx.Linear):
-    return AxisRoles("dense", (0,), (1,))
-  if isinstance(module, nnx.LinearGeneral):
-    return _dense_general_roles(len(module.batch_axis), len(as_tuple(module.axis)),
-                                ndim, path)
-  if isinstance(module, nnx.Einsum):
-    return _einsum_roles(module.einsum_str, path)
-  if isinstance(module, nnx.Conv):
-    return _conv_roles(module.feature_group_count, ndim, path)
-  return None
+def use_of(eqn, tag: program.Tag, position: int) -> Use | None:
+  """How the op `eqn` uses `tag` (its input number `position`), or None if it is not a
+  contraction, a convolution or a lookup of whole rows that jlora can factor."""
+  view, params, name = tag.view, eqn.params, eqn.primitive.name
+  axes = range(len(view.groups))
+  batch: frozenset[int] | None = frozenset()
+  if name == "dot_general":
+    (contract, batched) = params["dimension_numbers"]
+    inner, batch_axes = contract[position], batched[position]
+    outer = [ax for ax in axes if ax not in inner and ax not in batch_axes]
+    batch = _whole_axes(view, batch_axes)
+    kind = "dense"
+  elif name == "conv_general_dilated" and position == 1:
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+      return None
+    out_axis = params["dimension_numbers"].rhs_spec[0]
+    inner, outer, kind = [ax for ax in axes if ax != out_axis], [out_axis], "conv"
+  elif name == "gather" and position == 0:
+    numbers, sizes = params["dimension_numbers"], params["slice_sizes"]
+    rows = tuple(numbers.collapsed_slice_dims)
+    if (len(rows) != 1 or tuple(numbers.start_index_map) != rows or numbers.operand_batching_dims
+        or sizes[rows[0]] != 1
+        or any(n != full for ax, (n, full) in enumerate(zip(sizes, view.shape, strict=True))
+               if ax != rows[0])):
+      return None
+    inner, outer, kind = rows, [ax for ax in axes if ax != rows[0]], "embed"
+  else:
+    return None
+  contracting, features = view.sources(inner), view.sources(outer)
+  if contracting is None or features is None or batch is None:
+    return None
+  return Use(kind, contracting, features, batch, name)
 
 
-def nnx_kernel_shape(module: nnx.Module) -> tuple[int, ...] | None:
-  """The kernel shape an NNX layer computes with (one layer of a stack), from its attributes."""
-  if isinstance(module, nnx.Embed):
-    return (module.num_embeddings, module.features)
-  if isinstance(module, nnx.Linear):
-    return (module.in_features, module.out_features)
-  if isinstance(module, nnx.LinearGeneral):
-    return as_tuple(module.in_features) + as_tuple(module.out_features)
-  if isinstance(module, nnx.Einsum | nnx.Conv):
-    return tuple(module.kernel_shape)
-  return None
+class _Reader(program.Rules):
+  """Records every use of every tag, computing nothing (it runs under `jax.eval_shape`)."""
+
+  def __init__(self):
+    self.uses: dict[str, list[Use]] = {}
+    self.sliced_axes: dict[str, set[int]] = {}
+
+  def use(self, eqn, invals):
+    for position, x in enumerate(invals):
+      if isinstance(x, program.Tag):
+        found = use_of(eqn, x, position)
+        if found is not None:
+          self.uses.setdefault(x.path, []).append(found)
+    return super().use(eqn, invals)
+
+  def sliced(self, tag, axis, op):
+    self.sliced_axes.setdefault(tag.path, set()).add(axis)
+    return True
 
 
-def kernel_name(module) -> str:
-  return "embedding" if isinstance(module, nn.Embed | nnx.Embed) else "kernel"
+def _resolve(path: str, shape, uses: list[Use], sliced: set[int]) -> AxisRoles:
+  """One set of roles that every use agrees with (a tied read-out may swap in and out)."""
+  first = next((u for u in uses if u.kind == "embed"), uses[0])
+  for use in uses:
+    same = (use.contracting, use.features) == (first.contracting, first.features)
+    swapped = (use.contracting, use.features) == (first.features, first.contracting)
+    if not (same or swapped and use.kind == "dense"):
+      raise ValueError(
+          f"{path}: the program's {first.op} contracts kernel axes {sorted(first.contracting)} "
+          f"but its {use.op} contracts {sorted(use.contracting)}; one low-rank update cannot "
+          "serve both. Fix: exclude this kernel from LoraConfig.targets, or state its axes in "
+          "LoraConfig.roles."
+      )
+  stacked = sliced.union(*(u.batch for u in uses))
+  placed = first.contracting | first.features | stacked
+  ones = {ax for ax, n in enumerate(shape) if n == 1 and ax not in placed}
+  contracting = first.contracting | (ones if first.kind == "conv" else set())
+  features = first.features | (set() if first.kind == "conv" else ones)
+  return AxisRoles(first.kind, tuple(sorted(contracting)), tuple(sorted(features)),
+                   tuple(sorted(stacked)))
 
 
-def module_path(module: nn.Module) -> str:
-  """The path of a bound linen module's kernel in the variables dict: ``params/.../kernel``."""
-  return "/".join(("params", *module.path, kernel_name(module)))
+def read_roles(fn: Callable[..., Any], tree, paths, args, kwargs) -> dict[str, AxisRoles]:
+  """Runs ``fn(tree, *args, **kwargs)`` abstractly and reads the roles of the kernels at
+  `paths` from the ops that consume them; a path no contraction, convolution or lookup
+  consumes is left out."""
+  traced = program.trace(fn, tree, args, kwargs)
+  reader = _Reader()
 
+  def run(leaves, arrays):
+    ins = [program.Tag.of(p, x) if p in paths else x
+           for p, x in zip(traced.leaf_paths, leaves, strict=True)]
+    return program.evaluate(traced.jaxpr.jaxpr, traced.jaxpr.consts, [*ins, *arrays], reader)
 
-def with_stack(roles: AxisRoles, inner: tuple[int, ...], outer: tuple[int, ...],
-               path: str) -> AxisRoles:
-  """Adds the stacked axes by which the `outer` kernel shape extends the module's `inner` one."""
-  n = len(outer) - len(inner)
-  if n < 0 or tuple(outer[n:]) != tuple(inner):
-    raise ValueError(
-        f"{path}: the module uses a kernel of shape {tuple(inner)} but the tree holds "
-        f"{tuple(outer)}; jlora expects stacked (nn.scan) axes to lead. "
-        "Fix: state the axes in LoraConfig.roles, e.g. {'.*/kernel': 'sio'}."
-    )
-  return roles.stack(n)
-
-
-def trace_roles(apply_fn: Callable[..., Any], variables, shapes: dict[str, tuple[int, ...]],
-                *args, **kwargs) -> dict[str, AxisRoles]:
-  """Runs `apply_fn(variables, *args, **kwargs)` abstractly and records every kernel's roles.
-
-  Returns {path: roles} for each Dense, DenseGeneral, Einsum, Conv and Embed kernel the
-  apply function uses; `shapes` gives each path's shape in `variables`.
-  """
-  found: dict[str, AxisRoles] = {}
-
-  def record(next_fun, call_args, call_kwargs, context):
-    module = context.module
-    path = module_path(module)
-    if context.method_name in ("__call__", "attend") and path in shapes:
-      inner = module.get_variable("params", kernel_name(module)).shape
-      spec = einsum_spec(module, call_args, call_kwargs) if isinstance(module, nn.Einsum) else None
-      roles = linen_roles(module, len(inner), path, spec)
-      if roles is not None:
-        found[path] = with_stack(roles, inner, shapes[path], path)
-    return next_fun(*call_args, **call_kwargs)
-
-  with nn.intercept_methods(record):
-    eval_shape(apply_fn, variables, *args, **kwargs)
-  return found
+  jax.eval_shape(run, [program.abstract(x) for x in traced.leaves], list(traced.arrays))
+  shapes = dict(zip(traced.leaf_paths, (x.shape for x in traced.leaves), strict=True))
+  return {p: _resolve(p, shapes[p], uses, reader.sliced_axes.get(p, set()))
+          for p, uses in reader.uses.items()}
