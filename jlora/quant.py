@@ -64,7 +64,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jlora import _tree
 
@@ -142,6 +142,8 @@ class QuantizedArray:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
 
   def __repr__(self) -> str:
+    if not hasattr(self.codes, "shape"):  # a tree.map made the leaves something else
+      return f"QuantizedArray(codes={self.codes!r}, scales={self.scales!r}, ...)"
     return (f"QuantizedArray(shape={self.shape}, dtype={self.dtype}, scheme={self.scheme!r}, "
             f"block_size={self.block_size}, double_quant={self.double_quant})")
 
@@ -231,24 +233,55 @@ def _unpack(codes):
   return jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(*codes.shape[:-1], -1)
 
 
+def _lookup(nibbles, table: np.ndarray):
+  """table[nibbles] as a tree of 15 selects on the 4 bits: elementwise, so any sharding of
+  `nibbles` carries over (a gather from a replicated table needs an explicit out_sharding)."""
+  level = [np.float32(v) for v in table]
+  for bit in range(4):
+    on = (nibbles >> bit) & 1 == 1
+    level = [jnp.where(on, level[k + 1], level[k]) for k in range(0, len(level), 2)]
+  return level[0]
+
+
+def _groups(nb: int) -> int:
+  return -(-nb // DQ_GROUP)
+
+
+def _expand(per_group, nb: int):
+  """(..., G) -> (..., nb): each group's value for each of its scales (reshapes when it can)."""
+  lead, groups = per_group.shape[:-1], per_group.shape[-1]
+  if groups == 1 or nb == groups * DQ_GROUP:
+    size = min(nb, DQ_GROUP)
+    return jnp.broadcast_to(per_group[..., None], (*lead, groups, size)).reshape(*lead, nb)
+  return jnp.repeat(per_group, DQ_GROUP, axis=-1)[..., :nb]
+
+
+def _group_extremes(scales):
+  """(..., nb) -> per-group (min, max), groups of `DQ_GROUP` along the last axis."""
+  nb, groups = scales.shape[-1], _groups(scales.shape[-1])
+  if groups == 1 or nb == groups * DQ_GROUP:
+    grouped = scales.reshape(*scales.shape[:-1], groups, -1)
+    return grouped.min(axis=-1), grouped.max(axis=-1)
+  pad = [(0, 0)] * (scales.ndim - 1) + [(0, groups * DQ_GROUP - nb)]
+  grouped = lambda fill: jnp.pad(scales, pad, constant_values=fill).reshape(
+      *scales.shape[:-1], groups, DQ_GROUP)
+  return grouped(jnp.inf).min(axis=-1), grouped(-jnp.inf).max(axis=-1)
+
+
 def _compress_scales(scales):
   """(..., nb) scales >= 0 -> uint8 codes and per-256-group (offset, step) along the last axis."""
   nb = scales.shape[-1]
-  groups = -(-nb // DQ_GROUP)
-  padded = jnp.pad(scales, [(0, 0)] * (scales.ndim - 1) + [(0, groups * DQ_GROUP - nb)],
-                   mode="edge").reshape(*scales.shape[:-1], groups, DQ_GROUP)
-  lo, hi = padded.min(axis=-1), padded.max(axis=-1)
+  lo, hi = _group_extremes(scales)
   step = (hi - lo) / 255
-  expand = lambda g: jnp.repeat(g, DQ_GROUP, axis=-1)[..., :nb]
-  q = jnp.where(expand(step) > 0, (scales - expand(lo)) / expand(step), 0)
+  q = jnp.where(_expand(step, nb) > 0, (scales - _expand(lo, nb)) / _expand(step, nb), 0)
   return jnp.clip(jnp.round(q), 0, 255).astype(jnp.uint8), lo, step
 
 
 def _scales(q: QuantizedArray):
   if not q.double_quant:
     return q.scales
-  expand = lambda g: jnp.repeat(g, DQ_GROUP, axis=-1)[..., :q.scales.shape[-1]]
-  return expand(q.scale_offset) + q.scales.astype(jnp.float32) * expand(q.scale_step)
+  nb = q.scales.shape[-1]
+  return _expand(q.scale_offset, nb) + q.scales.astype(jnp.float32) * _expand(q.scale_step, nb)
 
 
 def _encode(x, scheme: str, block: int, double_quant: bool) -> QuantizedArray:
@@ -273,6 +306,15 @@ def _encode(x, scheme: str, block: int, double_quant: bool) -> QuantizedArray:
   return QuantizedArray(codes=codes, scales=scales, scale_offset=offset, scale_step=step,
                         scheme=scheme, block_size=block, n=n, orig_dtype=np.dtype(x.dtype),
                         double_quant=double_quant)
+
+
+def _explicit_spec(a) -> PartitionSpec | None:
+  """`a`'s spec padded to its rank when its mesh has `Explicit` axes (typed sharding), else None."""
+  sharding = jax.typeof(a).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or AxisType.Explicit not in tuple(getattr(mesh, "axis_types", ())):
+    return None
+  return PartitionSpec(*sharding.spec, *(None,) * (a.ndim - len(sharding.spec)))
 
 
 def _shardings(x, abstract: QuantizedArray):
@@ -330,6 +372,12 @@ def quantize_array(x: jax.Array, scheme: str = "nf4", *, block_size: int | None 
   block = x.shape[-1] if block_size is None else block_size
   encode = lambda a: _encode(a, scheme, block, bool(double_quant))
   out_shardings = _shardings(x, jax.eval_shape(encode, x))
+  if out_shardings is not None and _explicit_spec(x) is not None:
+    # Explicit axes type-check every reshape of the sharded last axis; the blocks are laid out
+    # by XLA inside (auto axes) and the leaves come out as `_shardings` says.
+    specs = jax.tree.map(lambda s: s.spec, out_shardings)
+    inner = encode
+    encode = lambda a: jax.sharding.auto_axes(inner, out_sharding=specs)(a)
   with jax.named_scope("jlora/quantize"):
     return jax.jit(encode, out_shardings=out_shardings)(x)
 
@@ -377,7 +425,7 @@ def dequantize(x, dtype: Any = None):
   """The dense kernel of a `QuantizedArray`; on a tree, of each `QuantizedArray` leaf.
 
   Computes ``value(code) * scale`` per element in float32 (module docstring) and casts once to
-  `dtype`, or to the kernel's original dtype. Jittable; cost is one gather or shift per element.
+  `dtype`, or to the kernel's original dtype. Jittable; elementwise shifts and selects only.
 
   Args:
     x: a `QuantizedArray`, or a tree whose other leaves come back unchanged.
@@ -407,14 +455,23 @@ def dequantize(x, dtype: Any = None):
   if not is_quantized(x):
     return jax.tree.map(lambda leaf: dequantize(leaf, dtype) if is_quantized(leaf) else leaf,
                         x, is_leaf=is_quantized)
+  dtype = x.dtype if dtype is None else dtype
+  spec = _explicit_spec(x.codes)
   with jax.named_scope("jlora/dequantize"):
-    if x.scheme == "int8":
-      values = x.codes.astype(jnp.float32)
-    elif x.scheme == "int4":
-      values = _unpack(x.codes).astype(jnp.float32) - 8
-    else:
-      values = jnp.asarray(NF4_CODEBOOK)[_unpack(x.codes)]
-    lead = x.codes.shape[:-1]
-    blocks = values.reshape(*lead, x.n // x.block_size, x.block_size)
-    dense = (blocks * _scales(x)[..., None]).reshape(*lead, x.n)
-    return dense.astype(x.dtype if dtype is None else dtype)
+    if spec is None:
+      return _decode(x, dtype)
+    # Explicit axes: compute with auto axes and hand back the codes' spec (see quantize_array).
+    decode = jax.sharding.auto_axes(lambda q: _decode(q, dtype), out_sharding=spec)
+    return jax.jit(decode)(x)
+
+
+def _decode(x: QuantizedArray, dtype):
+  if x.scheme == "int8":
+    values = x.codes.astype(jnp.float32)
+  elif x.scheme == "int4":
+    values = _unpack(x.codes).astype(jnp.float32) - 8
+  else:
+    values = _lookup(_unpack(x.codes), NF4_CODEBOOK)
+  lead = x.codes.shape[:-1]
+  blocks = values.reshape(*lead, x.n // x.block_size, x.block_size)
+  return (blocks * _scales(x)[..., None]).reshape(*lead, x.n).astype(dtype)
