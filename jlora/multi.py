@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import validate
 from jlora.adapter import Adapter, LoraFactors
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -75,10 +76,9 @@ def _check_adapters(where: str, adapters) -> list[Adapter]:
     if not isinstance(adapter, Adapter):
       raise TypeError(f"{where}: adapters[{i}] is a {type(adapter).__name__}, not a "
                       "jlora.Adapter. Fix: pass what jlora.init, select or combine returned.")
+    validate.check_not_routed(adapter, where=f"{where}: adapters[{i}]")
     for path, f in adapter.lora.items():
-      if f.a.ndim != len(f.roles.stacked) + 2:
-        raise ValueError(f"{where}: adapters[{i}] has per-example factors at {path!r} (it came "
-                         "from jlora.route). Fix: pass the adapters themselves.")
+      validate.check_factors(path, f)
   return list(adapters)
 
 
@@ -306,8 +306,12 @@ def route(stacked: AdapterStack, ids: jax.typing.ArrayLike) -> Adapter:
   input and output of the apply function, and of the input of every adapted module inside it
   (a model that runs time-major inside, or folds the batch into another axis, breaks this:
   move the batch to the front around such code, e.g. with ``jnp.moveaxis``, or use
-  `jlora.select` per sub-batch). `merge` does not take the result; modules without a
-  factored rule (custom modules, NNX Embed, stacked NNX layers) cannot take it either.
+  `jlora.select` per sub-batch). `merge`, `unmerge`, `export_peft`, `combine`, `truncate`
+  and `stack` refuse the result; modules without a factored rule (custom modules, NNX Embed,
+  stacked NNX layers) cannot take it either.
+
+  `route` does not see the batch, so it cannot check that ``len(ids)`` equals the batch
+  size; the function from `jlora.wrap` checks that when it runs the model.
 
   Gradients through a routed batch reach adapter k only from the examples with ``ids == k``,
   so one step trains several adapters on a mixed batch: differentiate with respect to the

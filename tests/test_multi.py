@@ -388,7 +388,7 @@ def test_ids_out_of_range():
   assert np.any(routed.lora["fc/kernel"].b[0]) and not np.any(routed.lora["fc/kernel"].b[1:])
 
 
-def test_stack_and_routed_adapters_are_refused_where_one_adapter_is_expected():
+def test_stack_and_routed_adapters_are_refused_where_one_adapter_is_expected(tmp_path):
   params, a = _dense_adapter()
   stacked = jlora.stack([a, a])
   with pytest.raises(TypeError, match=r"Expected a jlora.Adapter, got AdapterStack"):
@@ -396,8 +396,16 @@ def test_stack_and_routed_adapters_are_refused_where_one_adapter_is_expected():
   routed = jlora.route(stacked, jnp.array([0, 1]))
   with pytest.raises(ValueError, match=r"fc/kernel: these factors have a per-example axis"):
     jlora.merge(params, routed)
-  with pytest.raises(ValueError, match=r"combine: adapters\[1\] has per-example factors"):
-    jlora.combine([a, routed], [1.0, 1.0])
+  for fn in (lambda: jlora.combine([a, routed], [1.0, 1.0]), lambda: jlora.stack([routed]),
+             lambda: jlora.truncate(routed, 1)):
+    with pytest.raises(ValueError, match=r"(combine|stack|truncate): adapters\[\d\]: fc/kernel: "
+                       r"these factors have a per-example axis \(from jlora\.route\).*Fix:"):
+      fn()
+  with pytest.raises(ValueError, match=r"unmerge: fc/kernel: these factors have a per-example"):
+    jlora.unmerge(params, routed)
+  with pytest.raises(ValueError, match=r"export_peft: fc/kernel: these factors have a per-example"):
+    jlora.export_peft(tmp_path / "out", routed)
+  assert not (tmp_path / "out").exists()
 
 
 def test_combine_bad_arguments():
