@@ -11,28 +11,52 @@ A checkpoint is one step of an `orbax.checkpoint.CheckpointManager` with these i
 * ``config`` (when given): `LoraConfig.to_dict` as JSON.
 
 The step is the manager's step number. The frozen base params are never written: a checkpoint
-is adapter-sized. Orbax writes each step into a temporary directory and renames it only once
-complete, so a save killed midway leaves the earlier steps loadable; the next manager opened on
-the directory removes the unfinished one. Adapter paths contain "/" and go into orbax as dict
-keys unchanged (orbax joins key paths with "." into array names; the keys stay distinct).
+is adapter-sized. Directories are made absolute before orbax sees them.
+
+What jlora adds around orbax so that a checkpoint loses nothing and fails loud:
+
+* **One writer per directory.** A manager from `checkpoint_manager` (and `save` given a
+  directory) holds a lock file (``.jlora-writer.lock``, `fcntl.flock`) until it is closed; a
+  second writer, in this process or another, gets an error at once.
+* **Sealed steps.** Orbax writes a step into a temporary folder and renames it once complete;
+  jlora then writes ``jlora_manifest.json`` into it: the size and sha256 of every file. `restore`
+  checks every file against it, so a truncated, edited or deleted file is named in the error. A
+  step without a manifest was not finished and is never restored.
+* **Atomic deletion.** Steps that ``max_to_keep`` drops are first renamed into
+  ``.jlora-deleted`` and removed once the new step is sealed; if the new step fails, they are
+  put back.
+* **Failed writes surface.** A background write that fails raises from the next `save`, from
+  ``wait_until_finished()`` or from ``close()``, and the step is no longer listed.
+* **Cleanup only when writing.** Opening a manager removes orbax's unfinished temporary folders
+  and incomplete steps (with a warning); `restore` from a directory never writes to it.
 """
 
 from __future__ import annotations
 
+import atexit
+import math
 import os
+import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from jlora import _ckpt_files as _files
+from jlora._ckpt_files import CheckpointError
 from jlora.adapter import Adapter, LoraFactors, Params
 from jlora.config import LoraConfig
 from jlora.merge import check_fits
 from jlora.roles import AxisRoles
+from jlora.validate import check_finite
 
-_FORMAT = "jlora.adapter/1"
+_FORMAT = "jlora.adapter/2"  # /2: every step is sealed with a manifest; /1 steps still load
+_READS = (_files.LEGACY_FORMAT, _FORMAT)
 _ADAPTER, _METADATA, _OPT_STATE, _CONFIG = "adapter", "adapter_metadata", "opt_state", "config"
+_NAMING = ("step_prefix", "step_format_fixed_length", "step_name_format")
 Source = str | os.PathLike | ocp.CheckpointManager
 
 
@@ -65,27 +89,119 @@ class Restored(NamedTuple):
   metrics: Any
 
 
+class _Manager(ocp.CheckpointManager):
+  """An orbax `CheckpointManager` that holds the writer lock and seals every step it saves."""
+
+  def __init__(self, directory: str, options: ocp.CheckpointManagerOptions,
+               best: str | None = None):
+    os.makedirs(directory, exist_ok=True)
+    self._jlora_lock = _files.lock(directory)
+    try:
+      _files.clean(directory)
+      super().__init__(directory, options=options, item_handlers=_handlers())
+    except BaseException:
+      self._jlora_lock.close()
+      raise
+    self._jlora_dir, self._jlora_best = directory, best
+    self._jlora_unsealed: list[int] = []
+    self._jlora_errors: list[BaseException] = []
+    atexit.register(_seal_at_exit, weakref.ref(self))
+
+  def save(self, step, *args, **kwargs) -> bool:
+    saved = super().save(step, *args, **kwargs)
+    if saved:
+      self._jlora_unsealed.append(step)
+    return saved
+
+  def check_for_errors(self):
+    try:
+      super().check_for_errors()
+    except Exception as e:  # orbax logs and drops it while finalizing: keep it for the raise
+      self._jlora_errors.append(e)
+      raise
+
+  def wait_until_finished(self):
+    """Waits for the background write, seals the new steps; raises if one did not land."""
+    try:
+      super().wait_until_finished()
+    except Exception as e:
+      self._jlora_errors.append(e)
+    pending, self._jlora_unsealed = self._jlora_unsealed, []
+    errors, self._jlora_errors = self._jlora_errors, []
+    lost = [s for s in pending if not os.path.isdir(os.path.join(self._jlora_dir, str(s)))
+            and (errors or s in self.all_steps())]
+    for step in pending:
+      if step not in lost and os.path.isdir(os.path.join(self._jlora_dir, str(step))):
+        _files.seal(os.path.join(self._jlora_dir, str(step)))
+    _files.empty_trash(self._jlora_dir, put_back=bool(lost))
+    if lost or errors:
+      self.reload()  # orbax still lists a step whose write failed
+      cause = "; ".join(f"{type(e).__name__}: {_first_line(e)}" for e in errors) or "unknown"
+      raise CheckpointError(
+          f"checkpoint step(s) {lost} were not written to {self._jlora_dir} ({cause}). Steps "
+          "that max_to_keep had dropped meanwhile are kept. Fix: free disk space or fix the "
+          "cause above, then save again."
+      ) from (errors[0] if errors else None)
+
+  def close(self):
+    try:
+      self.wait_until_finished()
+    finally:
+      super().close()
+      self._jlora_lock.close()
+
+
+def _seal_at_exit(ref: weakref.ref) -> None:
+  manager = ref()
+  if manager is not None and manager._jlora_unsealed:
+    manager.wait_until_finished()
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _ranking(best: str, best_mode: str):
+  """orbax's best_fn: metrics[best], with anything non-finite or missing ranked worst."""
+  worst = math.inf if best_mode == "min" else -math.inf
+
+  def rank(metrics) -> float:
+    try:
+      value = float(metrics[best])
+    except (KeyError, TypeError, ValueError):
+      return worst
+    return value if math.isfinite(value) else worst
+
+  return rank
+
+
 def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
                        best: str | None = None, best_mode: str = "min",
                        **options: Any) -> ocp.CheckpointManager:
-  """An `orbax.checkpoint.CheckpointManager` for adapter checkpoints.
+  """An `orbax.checkpoint.CheckpointManager` for adapter checkpoints, the only writer there.
 
   With ``best``, checkpoints are ranked by ``metrics[best]`` (given to `save`) and
   ``max_to_keep`` keeps the best ones, as orbax does, so the latest step may be deleted; keep a
-  second manager without ``best`` for resuming after pre-emption.
+  second manager without ``best`` for resuming after pre-emption. A NaN or infinite metric
+  ranks worst (and `save` warns). The manager holds the directory's writer lock until
+  ``close()``; opening it removes orbax's unfinished temporary folders and incomplete steps.
 
   Args:
-    directory: where the steps go, one subdirectory each; created if missing.
+    directory: where the steps go, one subdirectory each; created if missing; a relative path
+      is taken from the current directory now.
     max_to_keep: how many checkpoints to keep (None: all).
     best: the name of the metric that ranks checkpoints, or None to keep the latest.
     best_mode: ``"min"`` or ``"max"``: whether a smaller or a larger metric is better.
-    **options: further `ocp.CheckpointManagerOptions` fields, e.g. ``save_interval_steps``.
+    **options: further `ocp.CheckpointManagerOptions` fields, e.g. ``save_interval_steps``
+      (not the step naming ones: jlora names steps by their number).
 
   Returns:
-    The manager; pass it to `save` and `restore`, and `close()` it when done.
+    The manager; pass it to `save` and `restore`, and `close()` it when done (or use it in a
+    ``with`` block).
 
   Raises:
-    ValueError: if ``best_mode`` is neither "min" nor "max".
+    ValueError: if ``best_mode`` is neither "min" nor "max", or an option renames steps.
+    CheckpointError: (a ValueError) if another manager is writing into ``directory``.
 
   Example:
     >>> import tempfile, jlora
@@ -96,10 +212,14 @@ def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None 
   """
   if best_mode not in ("min", "max"):
     raise ValueError(f"checkpoint_manager: best_mode must be 'min' or 'max', got {best_mode!r}.")
-  best_fn = None if best is None else (lambda metrics: metrics[best])
-  opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, best_fn=best_fn,
-                                      best_mode=best_mode, **options)
-  return ocp.CheckpointManager(os.fspath(directory), options=opts, item_handlers=_handlers())
+  if renaming := sorted(set(options) & set(_NAMING)):
+    raise ValueError(f"checkpoint_manager: option(s) {renaming} rename the step folders, which "
+                     "jlora reads by number. Fix: leave them out.")
+  options.setdefault("todelete_subdir", _files.TRASH)
+  opts = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, best_mode=best_mode,
+      best_fn=None if best is None else _ranking(best, best_mode), **options)
+  return _Manager(os.path.abspath(os.fspath(directory)), opts, best)
 
 
 def _roles_json(roles: AxisRoles) -> dict[str, Any]:
@@ -127,7 +247,7 @@ def _abstract(spec: Mapping[str, Any]) -> jax.ShapeDtypeStruct:
 
 def _abstract_adapter(metadata: Mapping[str, Any]) -> Adapter:
   """The adapter that `_metadata` describes, with `jax.ShapeDtypeStruct` leaves."""
-  if metadata.get("format") != _FORMAT:
+  if metadata.get("format") not in _READS:
     raise ValueError(
         f"This checkpoint's adapter metadata has format {metadata.get('format')!r}; this jlora "
         f"reads {_FORMAT!r}. Fix: restore it with the jlora version that saved it."
@@ -144,29 +264,79 @@ def _abstract_adapter(metadata: Mapping[str, Any]) -> Adapter:
   return Adapter(lora=lora, extras=extras)
 
 
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+  """Handlers for every item, so orbax can list a step's items without restoring them."""
+  return {_ADAPTER: ocp.StandardCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler(),
+          _OPT_STATE: ocp.StandardCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler()}
+
+
+def _check_step(step: Any, where: str) -> int:
+  """`step` as an int: a Python, NumPy or JAX integer >= 0 (not a bool, not a float)."""
+  dtype = getattr(step, "dtype", None)
+  ok = not isinstance(step, bool) and (
+      isinstance(step, int) or (dtype is not None and np.ndim(step) == 0
+                                and np.issubdtype(dtype, np.integer)))
+  if ok and int(step) >= 0:
+    return int(step)
+  raise ValueError(f"{where}: step must be an integer >= 0, got {step!r} "
+                   f"({type(step).__name__}). Fix: pass a Python, NumPy or JAX integer.")
+
+
+def _check_metrics(manager: ocp.CheckpointManager, step: int, metrics: Any) -> Any:
+  """The metrics to give orbax; raises before anything is written if the ranking cannot use them."""
+  best = getattr(manager, "_jlora_best", None)
+  ranks = best is not None or manager._options.best_fn is not None  # noqa: SLF001
+  if not ranks:
+    return metrics
+  name = repr(best) if best is not None else "the metric its best_fn reads"
+  if not isinstance(metrics, Mapping) or (best is not None and best not in metrics):
+    got = "metrics=None" if metrics is None else f"metrics with keys {sorted(metrics)}" \
+        if isinstance(metrics, Mapping) else f"metrics={metrics!r}"
+    raise ValueError(f"save: the manager of {manager.directory} ranks checkpoints by {name}, "
+                     f"but step {step} got {got}; nothing was saved. Fix: pass "
+                     f"metrics={{{name}: value}}, or use a manager without `best`.")
+  if best is None:
+    return metrics
+  value = metrics[best]
+  if isinstance(value, bool | np.bool_) or np.ndim(value) != 0 \
+      or not np.issubdtype(np.asarray(value).dtype, np.number):
+    raise ValueError(f"save: metrics[{best!r}] of step {step} must be a real number, got "
+                     f"{value!r}; nothing was saved. Fix: pass a float, e.g. float(loss).")
+  value = float(value)
+  if not math.isfinite(value):
+    warnings.warn(f"save: metrics[{best!r}] of step {step} is {value}; this step ranks worst "
+                  "and max_to_keep drops it first.", UserWarning, stacklevel=3)
+  return {**metrics, best: value}
+
+
 def save(target: Source, step: int, adapter: Adapter, *, opt_state: Any = None,
          config: LoraConfig | None = None, metrics: Mapping[str, Any] | None = None) -> bool:
   """Saves the adapter, and optionally the optimizer state and config, as checkpoint `step`.
 
-  Given a manager, the save is asynchronous as orbax makes it: arrays are copied off the
-  device before `save` returns and written in the background (call ``wait_until_finished()``
-  or ``close()`` on the manager before the process ends). Given a directory, `save` opens a
-  manager with orbax's defaults, waits for the write and closes it.
+  Given a manager from `checkpoint_manager`, the save is asynchronous as orbax makes it: arrays
+  are copied off the device before `save` returns and written in the background; a write that
+  fails raises from the next `save`, ``wait_until_finished()`` or ``close()`` (call one before
+  the process ends). Given a directory (or a manager made with orbax directly), `save` waits
+  for the write, checks that the step is on disk and only then returns True.
 
   Args:
     target: a `CheckpointManager` (see `checkpoint_manager`) or a directory.
-    step: the training step; the checkpoint's name.
+    step: the training step (a Python, NumPy or JAX integer >= 0); the checkpoint's name.
     adapter: the `Adapter` to save.
     opt_state: the optimizer state of the adapter, e.g. ``optimizer.init(adapter)`` trained on.
     config: the `LoraConfig` (regex targets only: it is saved as JSON).
-    metrics: ``{name: number}`` for ranking checkpoints (`checkpoint_manager`'s ``best``).
+    metrics: ``{name: number}`` for ranking checkpoints (`checkpoint_manager`'s ``best``);
+      required, with that name, when the manager ranks by one.
 
   Returns:
     Whether a checkpoint was written (orbax skips steps its options say not to save).
 
   Raises:
     TypeError: if `adapter` is not an `Adapter`, or the config's targets are a callable.
-    ValueError: if `step` is not a non-negative integer, or already saved in `target`.
+    ValueError: if `step` is not a non-negative integer or already saved in `target`, or the
+      manager ranks by a metric that `metrics` lacks or that is not a number. Nothing is written.
+    CheckpointError: (a ValueError) if this step or the previous one could not be written, or
+      another manager is writing into the directory.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -182,23 +352,27 @@ def save(target: Source, step: int, adapter: Adapter, *, opt_state: Any = None,
   """
   if not isinstance(adapter, Adapter):
     raise TypeError(f"save: expected a jlora.Adapter, got {type(adapter).__name__}.")
-  if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-    raise ValueError(f"save: step must be an integer >= 0, got {step!r}.")
+  step = _check_step(step, "save")
   items = {_ADAPTER: ocp.args.StandardSave(adapter),
            _METADATA: ocp.args.JsonSave(_metadata(adapter))}
   if config is not None:
     items[_CONFIG] = ocp.args.JsonSave(config.to_dict())
   if opt_state is not None:
     items[_OPT_STATE] = ocp.args.StandardSave(opt_state)
-  if isinstance(target, ocp.CheckpointManager):
+  if isinstance(target, _Manager):
     return _save_new(target, step, items, metrics)
-  with ocp.CheckpointManager(os.fspath(target), item_handlers=_handlers()) as manager:
+  if isinstance(target, ocp.CheckpointManager):  # not ours: wait, check, seal here
+    return _save_and_seal(target, step, items, metrics)
+  options = ocp.CheckpointManagerOptions(todelete_subdir=_files.TRASH)
+  with _Manager(os.path.abspath(os.fspath(target)), options) as manager:
     saved = _save_new(manager, step, items, metrics)
     manager.wait_until_finished()
   return saved
 
 
 def _save_new(manager: ocp.CheckpointManager, step: int, items, metrics) -> bool:
+  metrics = _check_metrics(manager, step, metrics)
+  manager.wait_until_finished()  # the previous write's error, if any, surfaces here
   if step in manager.all_steps():  # orbax would keep the old one and return False
     raise ValueError(
         f"save: {manager.directory} already has a checkpoint for {step=}; it is left as it is. "
@@ -207,52 +381,84 @@ def _save_new(manager: ocp.CheckpointManager, step: int, items, metrics) -> bool
   return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
 
-def _pick_step(manager: ocp.CheckpointManager, step: int | None) -> int:
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(
-        f"restore: no finished checkpoint in {manager.directory}. Fix: check the directory, "
-        "or save one with jlora.save."
+def _save_and_seal(manager: ocp.CheckpointManager, step: int, items, metrics) -> bool:
+  saved = _save_new(manager, step, items, metrics)
+  manager.wait_until_finished()
+  path = os.path.join(os.fspath(manager.directory), str(step))
+  if saved and not os.path.isdir(path):
+    manager.reload()
+    raise CheckpointError(f"save: checkpoint step {step} was not written to "
+                          f"{manager.directory} (orbax's log has the cause). Fix: use "
+                          "jlora.checkpoint_manager, which reports it, and save again.")
+  if saved:
+    _files.seal(path)
+  return saved
+
+
+def _pick_step(directory: str, step: int | None) -> int:
+  """The step to read: `step` if whole, else the latest whole one; raises naming what is wrong."""
+  on_disk = _files.step_dirs(directory)
+  if step is not None:
+    if step not in on_disk:
+      raise ValueError(f"restore: no checkpoint for {step=} in {directory}; it has steps "
+                       f"{sorted(on_disk)}.")
+    _raise_if_damaged(directory, step, _files.problem(on_disk[step]))
+    return step
+  skipped = []
+  for candidate in sorted(on_disk, reverse=True):
+    found = _files.problem(on_disk[candidate])
+    if found is None:
+      return candidate
+    if found[0] == "corrupt":
+      _raise_if_damaged(directory, candidate, found)
+    skipped.append(f"step {candidate}: {found[1]}")
+  raise FileNotFoundError(
+      f"restore: no finished checkpoint in {directory}"
+      + (f" (incomplete: {'; '.join(skipped)})" if skipped else "")
+      + ". Fix: check the directory, or save one with jlora.save."
+  )
+
+
+def _raise_if_damaged(directory: str, step: int, found: tuple[str, str] | None) -> None:
+  if found is not None:
+    kind, what = found
+    raise CheckpointError(
+        f"restore: checkpoint step {step} in {directory} is {kind}: {what}. Nothing was "
+        "restored. Fix: restore another step (restore(directory, step=...))"
+        + (", or open a jlora.checkpoint_manager on it to remove it." if kind == "incomplete"
+           else ", or copy the step again from a backup.")
     )
-  if step is None:
-    return manager.latest_step()
-  if step not in steps:
-    raise ValueError(f"restore: no checkpoint for {step=} in {manager.directory}; it has steps "
-                     f"{sorted(steps)}.")
-  return step
-
-
-def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
-  return set(manager.item_metadata(step).keys())
-
-
-def _handlers() -> dict[str, ocp.CheckpointHandler]:
-  """Handlers for every item, so orbax can list a step's items without restoring them."""
-  return {_ADAPTER: ocp.StandardCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler(),
-          _OPT_STATE: ocp.StandardCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler()}
 
 
 def restore(source: Source, step: int | None = None, *, params: Params | None = None,
-            optimizer: Any = None) -> Restored:
+            optimizer: Any = None, validate: bool = True) -> Restored:
   """Restores an adapter checkpoint that `save` wrote, into a fresh process if need be.
 
-  The adapter is rebuilt from the checkpoint's own JSON metadata; with `params`, it is checked
-  against them before any array is read. The optimizer state's structure comes from
-  ``optimizer.init`` run abstractly (`jax.eval_shape`) on the restored adapter's shapes.
+  Every file of the step is first checked against the step's manifest (size and sha256), so a
+  truncated, edited or missing file is named instead of read. The adapter is rebuilt from the
+  checkpoint's own JSON metadata; with `params`, it is checked against them before any array is
+  read. The optimizer state's structure comes from ``optimizer.init`` run abstractly
+  (`jax.eval_shape`) on the restored adapter's shapes. Then, unless ``validate=False``, the
+  restored adapter is checked for NaN and inf (`jlora.check_finite`). Given a directory,
+  `restore` only reads: it works on a read-only directory and never cleans up.
 
   Args:
     source: a `CheckpointManager` or the directory it manages.
-    step: the step to restore; None for the latest (``manager.best_step()`` gives the best).
+    step: the step to restore; None for the latest finished one (``manager.best_step()`` gives
+      the best).
     params: optionally the tree the adapter is for (as given to `jlora.init`).
     optimizer: optionally the optax `GradientTransformation` whose state was saved.
+    validate: whether to raise if a restored factor or extra holds a NaN or an inf.
 
   Returns:
     A `Restored` (adapter, opt_state, step, config, metrics).
 
   Raises:
     FileNotFoundError: if there is no finished checkpoint.
-    ValueError: if `step` is not there, the adapter does not fit `params` (naming the path and
-      both shapes), or `optimizer` is given and no optimizer state was saved.
+    ValueError: if `step` is not there or not an integer >= 0, the adapter does not fit
+      `params` (naming the path and both shapes), `optimizer` is given and no optimizer state
+      was saved or its state has another structure, or the adapter holds NaN or inf.
+    CheckpointError: (a ValueError) if a file of the step is missing or corrupt (naming it).
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, optax, jlora
@@ -271,22 +477,39 @@ def restore(source: Source, step: int | None = None, *, params: Params | None = 
     ...
     ValueError: Checkpoint step 3 in ...'fc/kernel' was made for shape (4, 3), but ...(5, 3)...
   """
+  if step is not None:
+    step = _check_step(step, "restore")
   if isinstance(source, ocp.CheckpointManager):
-    return _restore(source, step, params, optimizer)
-  if not os.path.isdir(source):
-    raise FileNotFoundError(f"restore: {os.fspath(source)!r} is not a directory.")
-  options = ocp.CheckpointManagerOptions(create=False)
-  with ocp.CheckpointManager(os.fspath(source), options=options,
-                             item_handlers=_handlers()) as manager:
-    return _restore(manager, step, params, optimizer)
+    source.wait_until_finished()  # a step still being written is not read half-way
+    return _restore(source, step, params, optimizer, validate)
+  directory = os.path.abspath(os.fspath(source))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"restore: {os.fspath(source)!r} is not a directory. Fix: pass the "
+                            "directory given to jlora.save or jlora.checkpoint_manager.")
+  step = _pick_step(directory, step)  # before orbax opens it: it would list incomplete steps
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as manager:
+    return _restore(manager, step, params, optimizer, validate)
 
 
-def _restore(manager: ocp.CheckpointManager, step: int | None, params, optimizer) -> Restored:
-  step = _pick_step(manager, step)
-  saved = _saved_items(manager, step)
-  head = manager.restore(step, args=ocp.args.Composite(
-      **{_METADATA: ocp.args.JsonRestore()},
-      **({_CONFIG: ocp.args.JsonRestore()} if _CONFIG in saved else {})))
+def _read(manager: ocp.CheckpointManager, step: int, what: str, fix: str, **items) -> Any:
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # orbax/tensorstore internals: one jlora error naming the step
+    raise CheckpointError(f"restore: could not read {what} of checkpoint step {step} in "
+                          f"{manager.directory}: {type(e).__name__}: {_first_line(e)} "
+                          f"Fix: {fix}") from e
+
+
+def _restore(manager: ocp.CheckpointManager, step: int | None, params, optimizer,
+             validate: bool) -> Restored:
+  directory = os.fspath(manager.directory)
+  step = _pick_step(directory, step)
+  saved = set(os.listdir(os.path.join(directory, str(step))))
+  damaged = "restore another step, or copy this one again from a backup."
+  head = _read(manager, step, "the adapter metadata", damaged,
+               **{_METADATA: ocp.args.JsonRestore()},
+               **({_CONFIG: ocp.args.JsonRestore()} if _CONFIG in saved else {}))
   abstract = _abstract_adapter(head[_METADATA])
   if params is not None:
     try:
@@ -296,10 +519,16 @@ def _restore(manager: ocp.CheckpointManager, step: int | None, params, optimizer
   if optimizer is not None and _OPT_STATE not in saved:
     raise ValueError(f"restore: checkpoint step {step} has no optimizer state. Fix: restore "
                      "without `optimizer` and start a new one with optimizer.init(adapter).")
-  items = {_ADAPTER: ocp.args.StandardRestore(abstract)}
+  adapter = _read(manager, step, "the adapter", damaged,
+                  **{_ADAPTER: ocp.args.StandardRestore(abstract)})[_ADAPTER]
+  opt_state = None
   if optimizer is not None:
-    items[_OPT_STATE] = ocp.args.StandardRestore(jax.eval_shape(optimizer.init, abstract))
-  arrays = manager.restore(step, args=ocp.args.Composite(**items))
+    target = jax.eval_shape(optimizer.init, abstract)
+    opt_state = _read(manager, step, "the optimizer state into optimizer.init's structure",
+                      "pass the optimizer the run saved with (the same optax chain), or "
+                      "restore without `optimizer`.",
+                      **{_OPT_STATE: ocp.args.StandardRestore(target)})[_OPT_STATE]
+  if validate:
+    check_finite(adapter, where=f"checkpoint step {step} in {directory}")
   config = LoraConfig.from_dict(head[_CONFIG]) if _CONFIG in saved else None
-  opt_state = arrays[_OPT_STATE] if optimizer is not None else None
-  return Restored(arrays[_ADAPTER], opt_state, step, config, manager.metrics(step))
+  return Restored(adapter, opt_state, step, config, manager.metrics(step))
