@@ -40,13 +40,16 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save
 
 from jlora import _tree
 from jlora._peft_names import (
@@ -60,9 +63,11 @@ from jlora._peft_names import (
 )
 from jlora.adapter import Adapter, LoraFactors, Params, init
 from jlora.config import LoraConfig
+from jlora.validate import check_factors, check_finite, check_not_routed
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+_NEW_TAG, _OLD_TAG = "jlora-new-", "jlora-old-"  # hidden sibling folders of an export
 _LORA_KEYS = {"dense": ("lora_A.weight", "lora_B.weight"),
               "conv": ("lora_A.weight", "lora_B.weight"),
               "embed": ("lora_embedding_A", "lora_embedding_B")}
@@ -176,8 +181,12 @@ def export_peft(path: str | os.PathLike, adapter: Adapter, name_map: NameMap = N
   each module gets back its exact scale. Extras become ``modules_to_save`` (``bias`` of a LoRA
   module: ``bias="lora_only"``).
 
+  The write is atomic: both files go into a new hidden sibling folder that is then renamed
+  onto `path` (an existing folder is renamed aside first and removed last, its other files
+  carried over as hard links), so a full disk or a kill leaves the previous export whole.
+
   Args:
-    path: the folder to write (created if missing; the two files are overwritten).
+    path: the folder to write (created if missing; replaced as a whole, other files kept).
     adapter: the adapter to export.
     name_map: Flax module path -> torch module name (see the module docstring).
     config: optionally the adapter's `LoraConfig`, for ``use_rslora``, ``lora_dropout`` and the
@@ -185,9 +194,12 @@ def export_peft(path: str | os.PathLike, adapter: Adapter, name_map: NameMap = N
     base_model_name_or_path: written into the config for PEFT.
 
   Raises:
-    TypeError: if `adapter` is not an `Adapter` or `name_map` is malformed.
-    ValueError: if a path has no torch name, two paths share one, or an extra has no torch
-      counterpart.
+    TypeError: if `adapter` is not an `Adapter`, a factor is not a floating array, or
+      `name_map` is malformed.
+    ValueError: if the adapter has per-example factors (from `jlora.route`) or factors that
+      disagree with their kernel, a path has no torch name, two paths share one, an extra has
+      no torch counterpart, or `path` is a file.
+    OSError: if writing fails (e.g. the disk is full); the previous export is left as it was.
 
   Example:
     >>> import json, os, pathlib, tempfile, jax, jax.numpy as jnp, jlora
@@ -205,7 +217,11 @@ def export_peft(path: str | os.PathLike, adapter: Adapter, name_map: NameMap = N
     8
   """
   if not isinstance(adapter, Adapter):
-    raise TypeError(f"export_peft: expected a jlora.Adapter, got {type(adapter).__name__}.")
+    raise TypeError(f"export_peft: expected a jlora.Adapter, got {type(adapter).__name__}. "
+                    "Fix: pass what jlora.init, jlora.select or jlora.combine returned.")
+  check_not_routed(adapter, where="jlora.export_peft")
+  for leaf_path, factors in adapter.lora.items():
+    check_factors(leaf_path, factors)
   namer = _namer(name_map)
   tensors, ranks, alphas, dropouts, owners = {}, {}, {}, [], {}
 
@@ -268,28 +284,179 @@ def export_peft(path: str | os.PathLike, adapter: Adapter, name_map: NameMap = N
       "init_lora_weights": True, "use_dora": False, "lora_bias": False,
       "layers_to_transform": None, "layers_pattern": None,
   }
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, CONFIG_FILE), "w") as fh:
-    json.dump(peft_config, fh, indent=2, sort_keys=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+  files = {
+      CONFIG_FILE: json.dumps(peft_config, indent=2, sort_keys=True).encode(),
+      WEIGHTS_FILE: save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                         metadata={"format": "pt"}),
+  }
+  _write_folder(path, files)
+
+
+def _write_file(file: str, data: bytes) -> None:
+  with open(file, "wb") as fh:
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: str) -> None:
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:  # e.g. a platform without directory handles
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+def _write_folder(path: str | os.PathLike, files: dict[str, bytes]) -> None:
+  """Writes `files` as the folder `path`, all or nothing.
+
+  The files go into a new hidden sibling folder, which is renamed onto `path`; an existing
+  folder is first renamed aside and removed only once the new one is in place, so any
+  failure (a full disk, a kill) leaves the previous export whole. Other entries of an
+  existing folder (a README, tokenizer files) are carried over as hard links (or copies).
+  """
+  target = os.path.realpath(path)
+  parent, name = os.path.split(target)
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise ValueError(f"export_peft: {target!r} exists and is not a folder. Fix: give a folder "
+                     "path (it is created if missing).")
+  try:
+    os.makedirs(parent, exist_ok=True)
+    new = tempfile.mkdtemp(prefix=f".{name}.{_NEW_TAG}", dir=parent)
+  except OSError as e:
+    raise OSError(e.errno, f"export_peft: cannot create a folder next to {target!r} "
+                  f"({e.strerror or e}). Fix: choose a folder in a writable place.") from e
+  old = None
+  try:
+    for file_name, data in files.items():
+      try:
+        _write_file(os.path.join(new, file_name), data)
+      except OSError as e:
+        raise OSError(e.errno, f"export_peft: writing {file_name} for {target!r} failed "
+                      f"({e.strerror or e}); the folder was left as it was. Fix: free space "
+                      "or choose a writable folder, then export again.") from e
+    if os.path.isdir(target):
+      for entry in os.listdir(target):
+        if entry in files:
+          continue
+        src, dst = os.path.join(target, entry), os.path.join(new, entry)
+        if os.path.isdir(src) and not os.path.islink(src):
+          shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        elif os.path.islink(src):
+          os.symlink(os.readlink(src), dst)
+        else:
+          _link_or_copy(src, dst)
+      suffix = os.path.basename(new)[len(f".{name}.{_NEW_TAG}"):]
+      old = os.path.join(parent, f".{name}.{_OLD_TAG}{suffix}")
+      os.rename(target, old)
+    try:
+      os.rename(new, target)
+    except BaseException:
+      if old is not None:
+        os.rename(old, target)
+        old = None
+      raise
+  except BaseException:
+    shutil.rmtree(new, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+  _fsync_dir(parent)
 
 
 # ----------------------------------------------------------------------------------------------
 # Import.
 
 
+def _interrupted_export(path: str | os.PathLike) -> str:
+  """A hint naming the folders an interrupted `export_peft` left next to `path`, if any."""
+  parent, name = os.path.split(os.path.realpath(path))
+  try:
+    left = sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.jlora-"))
+  except OSError:
+    return ""
+  if not left:
+    return ""
+  return (f" An interrupted jlora.export_peft left {left} in {parent!r}: a '{_OLD_TAG}' folder "
+          "is the previous export, whole; rename it to the folder's name.")
+
+
+def _bad_field(file: str, key: str, value: Any, want: str) -> ValueError:
+  return ValueError(f"import_peft: {file} has {key}={value!r}; {want}. Fix: correct it in the "
+                    "file, or export the adapter again.")
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_rank(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _is_alpha(x: Any) -> bool:
+  return _is_number(x) and x > 0
+
+
+def _check_fields(file: str, cfg: dict[str, Any]) -> None:
+  """Raises naming the file unless the fields jlora reads have PEFT's types."""
+  if not _is_rank(cfg.get("r", 8)):
+    raise _bad_field(file, "r", cfg["r"], "r must be an integer >= 1")
+  if not _is_alpha(cfg.get("lora_alpha", 8)):
+    raise _bad_field(file, "lora_alpha", cfg["lora_alpha"], "lora_alpha must be a number > 0")
+  dropout = cfg.get("lora_dropout", 0.0)
+  if not _is_number(dropout) or not 0 <= dropout < 1:
+    raise _bad_field(file, "lora_dropout", dropout, "lora_dropout must be a number in [0, 1)")
+  if not isinstance(cfg.get("use_rslora", False), bool):
+    raise _bad_field(file, "use_rslora", cfg["use_rslora"], "use_rslora must be true or false")
+  for key, ok, want in (("rank_pattern", _is_rank, "an integer >= 1"),
+                        ("alpha_pattern", _is_alpha, "a number > 0")):
+    pattern = cfg.get(key) or {}
+    if not isinstance(pattern, dict):
+      raise _bad_field(file, key, pattern, f"{key} must map module-name regexes to values")
+    for regex, value in pattern.items():
+      try:
+        re.compile(rf"(.*\.)?({regex})$")  # how PEFT 0.21 uses a pattern key
+      except re.error as e:
+        raise _bad_field(file, key, pattern, f"{regex!r} is not a valid regex ({e})") from None
+      if not ok(value):
+        raise _bad_field(file, key, pattern, f"the value for {regex!r} must be {want}")
+
+
 def _read_config(path: str | os.PathLike) -> dict[str, Any]:
   """The folder's adapter_config.json, checked: LoRA, no unsupported feature; warns on unknowns."""
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
+    hint = _interrupted_export(path)
     raise FileNotFoundError(f"import_peft: no {CONFIG_FILE} in {os.fspath(path)!r}. Fix: give "
-                            "the folder that PEFT's save_pretrained wrote.")
-  with open(file) as fh:
-    cfg = json.load(fh)
+                            f"the folder that PEFT's save_pretrained wrote.{hint}")
+  try:
+    with open(file, "rb") as fh:
+      cfg = json.loads(fh.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"import_peft: {file} is not valid JSON ({e}); it is truncated or "
+                     "corrupt. Fix: export the adapter again (PEFT's save_pretrained or "
+                     "jlora.export_peft).") from None
+  if not isinstance(cfg, dict):
+    kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(cfg), "number")
+    raise ValueError(f"import_peft: {file} holds a JSON {kind}, not an object "
+                     "of PEFT config fields. Fix: export the adapter again.")
   if cfg.get("peft_type") != "LORA":
     raise ValueError(f"import_peft: {file} has peft_type={cfg.get('peft_type')!r}; jlora reads "
-                     "LoRA adapters ('LORA') only.")
+                     "LoRA adapters ('LORA') only. Fix: export a LoRA adapter from PEFT.")
   unknown = sorted(set(cfg) - _KNOWN)
   if unknown:
     warnings.warn(f"import_peft: ignoring config keys unknown to PEFT 0.21 in {file}: {unknown}.",
@@ -304,7 +471,26 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
         "a plain LoRA from PEFT (for PiSSA/OLoRA/CorDA/LoRA-GA, save_pretrained with "
         "path_initial_model_for_weight_conversion)."
     )
+  _check_fields(file, cfg)
   return cfg
+
+
+def _load_weights(file: str) -> dict[str, np.ndarray]:
+  """The tensors of a safetensors file, or one error naming the file (and what it links to)."""
+  try:
+    tensors = load_file(file)
+  except (SafetensorError, OSError, TypeError, ValueError) as e:
+    real = os.path.realpath(file)
+    link = f" (a link to {real!r})" if real != os.path.abspath(file) else ""
+    raise ValueError(f"import_peft: {file}{link} is not a safetensors file jlora can read "
+                     f"({type(e).__name__}: {e}); it is truncated, corrupt or holds a dtype "
+                     "NumPy lacks (bfloat16). Fix: export the adapter again, in float32 "
+                     "(PEFT: model.float() before save_pretrained).") from None
+  for key, value in tensors.items():
+    if not np.issubdtype(value.dtype, np.floating):
+      raise ValueError(f"import_peft: {file} holds {key!r} with dtype {value.dtype}; LoRA "
+                       "weights are floating point. Fix: export the adapter again.")
+  return tensors
 
 
 def _read_tensors(path) -> tuple[dict, dict]:
@@ -314,10 +500,11 @@ def _read_tensors(path) -> tuple[dict, dict]:
     raise FileNotFoundError(f"import_peft: no {WEIGHTS_FILE} in {os.fspath(path)!r}. Fix: save "
                             "with safe_serialization=True (PEFT's default).")
   lora, extras = collections.defaultdict(dict), collections.defaultdict(dict)
-  for key, value in load_file(file).items():
+  for key, value in _load_weights(file).items():
     name = key.removeprefix(PREFIX)
     if "lora_magnitude_vector" in name:
-      raise ValueError(f"import_peft: {key!r} is a DoRA magnitude, which jlora does not support.")
+      raise ValueError(f"import_peft: {key!r} is a DoRA magnitude, which jlora does not support. "
+                       "Fix: export a plain LoRA (use_dora=False) from PEFT.")
     found = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)",
                          name)
     if found:
@@ -325,6 +512,9 @@ def _read_tensors(path) -> tuple[dict, dict]:
       lora[module]["A" if "A" in part else "B"] = value
       lora[module]["kind"] = "embed" if "embedding" in part else "lora"
     elif ".original_module." not in name:  # PEFT's copy of a frozen module
+      if "." not in name:
+        raise ValueError(f"import_peft: {file} holds {key!r}, which names no torch module "
+                         "parameter (module.param). Fix: export the adapter again.")
       module, param = name.rsplit(".", 1)
       module = re.sub(r"\.(base_layer|modules_to_save)$", "", module)
       extras[module][param] = value
@@ -373,7 +563,7 @@ def _check_layers(path, layers: dict, stacked: tuple[int, ...], what: str):
 
 
 def import_peft(path: str | os.PathLike, params: Params, name_map: NameMap = None,
-                model: Any = None, *example_args: Any,
+                model: Any = None, *example_args: Any, validate: bool = True,
                 **example_kwargs: Any) -> tuple[Adapter, LoraConfig]:
   """Reads a Hugging Face PEFT LoRA folder into a jlora adapter for `params`.
 
@@ -382,7 +572,8 @@ def import_peft(path: str | os.PathLike, params: Params, name_map: NameMap = Non
   embeddings need none). Rank and α per module follow the config as PEFT does (`rank_pattern`
   and `alpha_pattern` keys match with ``(.*\\.)?(key)$``; rsLoRA scales by α/√r), and the
   returned `LoraConfig` states them per path. ``modules_to_save`` and LoRA-module biases
-  become the adapter's extras.
+  become the adapter's extras. Everything is checked before the adapter is built (JSON
+  types, tensor dtypes and shapes), and by default every value is checked to be finite.
 
   Args:
     path: the folder holding adapter_config.json and adapter_model.safetensors.
@@ -391,6 +582,9 @@ def import_peft(path: str | os.PathLike, params: Params, name_map: NameMap = Non
     name_map: Flax module path -> torch module name (see the module docstring).
     model: optionally `model.apply` (or an NNX module), for kernels with more than two axes.
     *example_args: example inputs of `model`, as for `jlora.init`.
+    validate: check that every value read is finite (`jlora.validate.check_finite`, one
+      reduction per tensor); True by default. Pass False only to load a file known to hold
+      NaN or inf on purpose, e.g. to inspect a diverged run.
     **example_kwargs: example keyword inputs of `model`.
 
   Returns:
@@ -399,8 +593,12 @@ def import_peft(path: str | os.PathLike, params: Params, name_map: NameMap = Non
 
   Raises:
     FileNotFoundError: if a file is missing.
-    ValueError: for a non-LoRA or unsupported adapter (DoRA, LoftQ, ...), a torch module with
-      no Flax leaf, a missing tensor or a tensor of the wrong shape.
+    ValueError: naming the file, for a config that is not valid JSON, not a JSON object or
+      has fields of the wrong type (``r`` not an integer >= 1, ``lora_alpha`` not a number
+      > 0, an invalid regex in ``rank_pattern``/``alpha_pattern``); for weights that are not
+      a readable safetensors file (truncated, garbage, a link to another file) or hold NaN or
+      inf (unless ``validate=False``); for a non-LoRA or unsupported adapter (DoRA, LoftQ,
+      ...), a torch module with no Flax leaf, a missing tensor or a tensor of the wrong shape.
 
   Warns:
     UserWarning: for config keys that PEFT 0.21 does not have (they are ignored).
@@ -446,7 +644,12 @@ def import_peft(path: str | os.PathLike, params: Params, name_map: NameMap = Non
   adapter = init(jax.random.key(0), params, no_extras, model, *example_args, **example_kwargs)
   lora = {p: _fill(p, f, targets[p], lora_tensors) for p, f in adapter.lora.items()}
   filled = {p: _fill_extra(p, flat[p], layers) for p, layers in extras.items()}
-  return Adapter(lora=lora, extras=filled), config
+  adapter = Adapter(lora=lora, extras=filled)
+  if validate:
+    check_finite(adapter, where=os.path.join(path, WEIGHTS_FILE), fix=(
+        "retrain or re-export the adapter from a step before it diverged, or pass "
+        "validate=False to load it anyway."))
+  return adapter, config
 
 
 def _jlora_config(cfg: dict[str, Any], targets: dict[str, dict], extras: list[str]) -> LoraConfig:
