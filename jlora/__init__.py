@@ -27,6 +27,7 @@ from jlora.combine import Truncation as Truncation
 from jlora.combine import combine as combine
 from jlora.combine import truncate as truncate
 from jlora.config import LoraConfig as LoraConfig
+from jlora.factored import MergedUseWarning as MergedUseWarning
 from jlora.factored import wrap as wrap
 from jlora.merge import delta as delta
 from jlora.merge import merge as merge
@@ -47,6 +48,7 @@ from jlora.sharding import init_sharded as init_sharded
 from jlora.sharding import opt_state_shardings as opt_state_shardings
 from jlora.sharding import shardings as shardings
 from jlora.summary import summary as summary
+from jlora.validate import check_finite as check_finite
 
 __version__ = "0.1.0"
 
@@ -56,10 +58,12 @@ __all__ = [
     "AxisRoles",
     "LoraConfig",
     "LoraFactors",
+    "MergedUseWarning",
     "RankSearchResult",
     "Restored",
     "Truncation",
     "amplification",
+    "check_finite",
     "checkpoint_manager",
     "combine",
     "delta",

@@ -122,27 +122,21 @@ def _roles_without_model(path: str, leaf, config: LoraConfig) -> AxisRoles:
     return AxisRoles("dense", (0,), (1,))
   raise ValueError(
       f"{path}: a kernel of shape {tuple(leaf.shape)} has more than two axes, and jlora does not "
-      "guess which are contracted. Fix: pass the model, `jlora.init(key, variables, config, "
-      "model.apply, x)` (or the NNX module), or state them in LoraConfig.roles, e.g. "
+      "guess which are contracted. Fix: pass the model and example inputs, `jlora.init(key, "
+      "variables, config, model.apply, x)` (or the NNX module and x), or state them in LoraConfig.roles, e.g. "
       "{'.*attn/out/kernel': 'iio'}."
   )
 
 
-def _model_roles(model, tree, targets: dict[str, Any], args, kwargs) -> dict[str, AxisRoles]:
+def _target_roles(targets, config, model, tree, args, kwargs) -> dict[str, AxisRoles]:
+  """Roles read from the program of `model` where one is given (an NNX module only with
+  example inputs), else the roles `_roles_without_model` allows."""
   if isinstance(model, nnx.Module | nnx.GraphDef) and not (args or kwargs):
-    raise ValueError(
-        "jlora.init: axis roles are read from the program the NNX module runs, so it needs "
-        "example inputs. Fix: jlora.init(key, state, config, module, x) with an input x (an "
-        "array or a jax.ShapeDtypeStruct)."
-    )
-  return read_roles(program.as_function(model), tree, set(targets), args, kwargs)
-
-
-def _target_roles(targets, config, model, variables, args, kwargs) -> dict[str, AxisRoles]:
+    model = None  # its 2-D kernels are checked against the program when jlora.wrap runs it
   to_trace = {p: leaf for p, leaf in targets.items() if config.roles_for(p) is None}
   traced = {}
   if model is not None and to_trace:
-    traced = _model_roles(model, variables, to_trace, args, kwargs)
+    traced = read_roles(program.as_function(model), tree, set(to_trace), args, kwargs)
   roles = {}
   for path, leaf in targets.items():
     if path in traced:
@@ -157,6 +151,15 @@ def _target_roles(targets, config, model, variables, args, kwargs) -> dict[str, 
     else:
       roles[path] = _roles_without_model(path, leaf, config)
   return roles
+
+
+def _check_floating(path: str, leaf) -> None:
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    raise ValueError(
+        f"{path}: a kernel of dtype {jnp.dtype(leaf.dtype).name} cannot take a low-rank update "
+        "(merging would round the update away). Fix: exclude it from LoraConfig.targets; for "
+        "a quantized base, quantize the float kernel with jlora.quantize and target that."
+    )
 
 
 def _factor_shapes(path: str, shape, roles: AxisRoles, rank: int):
@@ -198,20 +201,28 @@ def select_targets(flat: dict[str, Any], config: LoraConfig) -> dict[str, Any]:
 
 
 def init(key: jax.Array, params: Params, config: LoraConfig,
-         model: Callable[..., Any] | nnx.Module | None = None, *example_args, **example_kwargs
-         ) -> Adapter:
+         model: Callable[..., Any] | nnx.Module | nnx.GraphDef | None = None, *example_args,
+         **example_kwargs) -> Adapter:
   """Creates a fresh adapter (B = 0) for every kernel of `params` that `config` targets.
 
-  Axis roles come from the model when one is given: a linen apply function is traced
-  abstractly on the example inputs (arrays or `jax.ShapeDtypeStruct`, no FLOPs spent), an NNX
-  module is read directly. Without a model, only 2-D kernels (as (in, out)), ``embedding``
-  tables and kernels with `LoraConfig.roles` are accepted.
+  Axis roles come from the program when a model is given: ``model(params, *example_args,
+  **example_kwargs)`` is traced abstractly (`jax.make_jaxpr`; inputs may be arrays or
+  `jax.ShapeDtypeStruct`, no FLOPs spent), and each target's roles are read from the ops that
+  consume it, whatever layer produced them: axes a contraction sums with the input are fan_in,
+  its free axes fan_out, axes a scan slices or a contraction batches over (per-expert weights)
+  are stacked, and a lookup of whole rows makes an embedding. `model` is any function of the
+  tree (a linen ``model.apply``, a function of a dict of arrays) or an NNX module or graphdef,
+  then run as ``nnx.merge(graphdef, params)(*example_args)``. Without a model (or an NNX
+  module without inputs), only 2-D kernels (taken as (in, out)), ``embedding`` tables and
+  kernels with `LoraConfig.roles` are accepted; `jlora.wrap` checks those roles against the
+  program when it first runs, so a kernel stored (out, in) fails loudly there.
 
   Args:
     key: a PRNG key for A.
-    params: the tree to adapt; its leaves may be arrays or `jax.ShapeDtypeStruct`.
+    params: the tree to adapt; its leaves may be arrays, `jax.ShapeDtypeStruct` or quantized
+      kernels.
     config: the `LoraConfig`.
-    model: optionally `model.apply` (then `params` are its variables) or an NNX module.
+    model: optionally the model's function of `params`, or an NNX module or graphdef.
     *example_args: example inputs for `model`, after `params`.
     **example_kwargs: example keyword inputs for `model`.
 
@@ -219,8 +230,9 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
     An `Adapter` whose paths are those of `params`.
 
   Raises:
-    ValueError: if the targets match nothing, a target is not a kernel jlora can factor, or
-      a rank exceeds min(fan_in, fan_out).
+    ValueError: if the targets match nothing, a target is not a floating-point kernel jlora
+      can factor (naming the path), its uses in the program disagree on its axes, or a rank
+      exceeds min(fan_in, fan_out).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -235,6 +247,8 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
   """
   flat = _tree.flatten(params)
   targets = select_targets(flat, config)
+  for path, leaf in targets.items():
+    _check_floating(path, leaf)
   roles = _target_roles(targets, config, model, params, example_args, example_kwargs)
   dtype = jnp.dtype(config.dtype)
   keys = dict(zip(targets, jax.random.split(key, len(targets)), strict=True))

@@ -242,8 +242,8 @@ def _gather_branch(eqn, ins, tag: Tag, f: LoraFactors):
 
 def _roles_error(path: str, roles: AxisRoles, use: Use) -> ValueError:
   return ValueError(
-      f"{path}: the adapter records fan_in axes {roles.contracting} and fan_out axes "
-      f"{roles.features} for this kernel, but the program's {use.op} contracts its axes "
+      f"{path}: the adapter records axis roles with fan_in axes {roles.contracting} and fan_out "
+      f"axes {roles.features} for this kernel, but the program's {use.op} contracts its axes "
       f"{sorted(use.contracting)} with the input (a kernel stored (out, in) and used as "
       "x @ w.T has fan_in axis 1). Fix: make the adapter with jlora.init(key, tree, config, "
       "fn, *example_args) so that its roles are read from this program, or state them in "
@@ -257,6 +257,15 @@ class _Factored(program.Rules):
 
   factors: dict[str, LoraFactors]
   warned: set = dataclasses.field(default_factory=set)
+  swapped_only: dict = dataclasses.field(default_factory=dict)  # path -> a swapped use, or None
+
+  def check_orientations(self) -> None:
+    """A dense kernel that the program only ever contracts over its recorded fan_out axes has
+    wrong roles (e.g. an (out, in) kernel taken as (in, out)); outputs would still match the
+    merged model, but an export would be transposed. Tied weights, used both ways, are fine."""
+    for path, use in self.swapped_only.items():
+      if use is not None and self.factors[path].roles.kind != "embed":
+        raise _roles_error(path, self.factors[path].roles, use)
 
   def stacked_axes(self, tag):
     f = self.factors.get(tag.path)
@@ -306,8 +315,10 @@ class _Factored(program.Rules):
     ones = {ax for ax, n in enumerate(f.kernel_shape) if n == 1}
     recorded = (set(f.roles.contracting) - ones, set(f.roles.features) - ones)
     if (set(use.contracting), set(use.features)) == recorded:
+      self.swapped_only[tag.path] = None
       return False
     if use.kind == "dense" and (set(use.features), set(use.contracting)) == recorded:
+      self.swapped_only.setdefault(tag.path, use)
       return True
     raise _roles_error(tag.path, f.roles, use)
 
@@ -422,6 +433,9 @@ def wrap(fn: Callable[..., Any] | nnx.GraphDef | nnx.Module, *, method: str = "_
     key = _dropout_key(dropout_key, kwargs)
     tree = merge(tree, Adapter(lora={}, extras=adapter.extras))
     traced = program.trace(call, tree, args, kwargs)
-    return program.run(traced, _tags(traced, adapter, key), _Factored(dict(adapter.lora)))
+    rules = _Factored(dict(adapter.lora))
+    out = program.run(traced, _tags(traced, adapter, key), rules)
+    rules.check_orientations()
+    return out
 
   return lora_apply

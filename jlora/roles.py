@@ -142,14 +142,26 @@ def use_of(eqn, tag: program.Tag, position: int) -> Use | None:
   return Use(kind, contracting, features, batch, name)
 
 
+_ELEMENTWISE = frozenset({"mul", "add", "sub", "div", "neg", "max", "min", "select_n"})
+
+
 class _Reader(program.Rules):
-  """Records every use of every tag, computing nothing (it runs under `jax.eval_shape`)."""
+  """Records every use of every tag, computing nothing (it runs under `jax.eval_shape`).
+
+  An elementwise op that keeps the kernel's shape (a mask, ``W * mask``) passes the tag on, so
+  that the contraction after it still tells the roles (`jlora.wrap` merges at that op).
+  """
 
   def __init__(self):
     self.uses: dict[str, list[Use]] = {}
     self.sliced_axes: dict[str, set[int]] = {}
 
   def use(self, eqn, invals):
+    tags = [x for x in invals if isinstance(x, program.Tag)]
+    out = eqn.outvars[0].aval
+    if (eqn.primitive.name in _ELEMENTWISE and len(tags) == 1
+        and tuple(out.shape) == tags[0].view.shape):
+      return [tags[0].with_view(tags[0].view.astype(out.dtype))]
     for position, x in enumerate(invals):
       if isinstance(x, program.Tag):
         found = use_of(eqn, x, position)
