@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jlora
@@ -26,8 +27,21 @@ BAD_FIELDS = [
     (dict(rank=-3), ValueError, r"rank must be an integer >= 1, got -3"),
     (dict(rank=2.0), ValueError, r"rank must be an integer >= 1, got 2\.0"),
     (dict(rank=True), ValueError, r"rank must be an integer >= 1, got True"),
-    (dict(alpha=math.nan), ValueError, r"alpha must be a finite number, got nan"),
-    (dict(alpha="8"), ValueError, r"alpha must be a finite number, got '8'"),
+    (dict(alpha=math.nan), ValueError, r"alpha must be a finite number > 0, got nan"),
+    (dict(alpha=0.0), ValueError, r"alpha must be a finite number > 0, got 0\.0 for 'alpha'\. "
+     r"Fix:"),
+    (dict(alpha=-8), ValueError, r"alpha must be a finite number > 0, got -8"),
+    (dict(alpha=True), ValueError, r"alpha must be a finite number > 0, got True"),
+    (dict(alpha=np.bool_(True)), ValueError, r"alpha must be a finite number > 0, got True"),
+    (dict(alpha_pattern={".*": -1.0}), ValueError, r"got -1\.0 for '\.\*'"),
+    (dict(rank=np.float32(2)), ValueError, r"rank must be an integer >= 1, got 2\.0"),
+    (dict(rank=jnp.int32(0)), ValueError, r"rank must be an integer >= 1, got 0 for 'rank'"),
+    (dict(dtype=None), ValueError, r"dtype=None is not a dtype\. Fix: use 'float32'"),
+    (dict(dtype="float64"), ValueError, r"dtype='float64' cannot be held by JAX as configured.*"
+     r"Fix: .*jax_enable_x64"),
+    (dict(dtype=jnp.int8), ValueError, r"dtype.*int8.*is not a floating dtype.*Fix:"),
+    (dict(dtype="complex64"), ValueError, r"is not a floating dtype"),
+    (dict(alpha="8"), ValueError, r"alpha must be a finite number > 0, got '8'"),
     (dict(targets="(query"), ValueError, r"LoraConfig\.targets: '\(query' is not a valid regex"),
     (dict(targets=[".*/kernel", "[a-"]), ValueError, r"targets: '\[a-' is not a valid regex"),
     (dict(targets=[]), ValueError, r"LoraConfig\.targets is empty"),
@@ -40,7 +54,8 @@ BAD_FIELDS = [
     (dict(rank_pattern={".*query.*": "8"}), ValueError, r"rank must be an integer >= 1, got '8'"),
     (dict(rank_pattern={".*query.*": 0}), ValueError, r"got 0 for '\.\*query\.\*'"),
     (dict(rank_pattern=5), TypeError, r"LoraConfig\.rank_pattern must map regexes to values"),
-    (dict(alpha_pattern={".*": math.inf}), ValueError, r"alpha must be a finite number, got inf"),
+    (dict(alpha_pattern={".*": math.inf}), ValueError,
+     r"alpha must be a finite number > 0, got inf"),
     (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got self\.dropout=1\.0"),
     (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\)"),
     (dict(dropout="0.1"), (TypeError, ValueError), r"LoraConfig.*dropout"),
@@ -49,7 +64,8 @@ BAD_FIELDS = [
     (dict(dtype="float33"), ValueError, r"self\.dtype='float33' is not a floating dtype"),
     (dict(dtype="int32"), ValueError, r"dtype.*int32"),
     (dict(use_rslora="no"), TypeError, r"LoraConfig.*use_rslora"),
-    (dict(roles={".*": "iq"}), ValueError, r"roles\['\.\*'\] = 'iq': give one letter per kernel"),
+    (dict(roles={".*": "iq"}), ValueError,
+     r"roles\['\.\*'\] = 'iq' is not a roles string\. Fix: give one letter per kernel"),
     (dict(roles={".*": "ii"}), ValueError, r"at least one 'i' and one 'o'"),
     (dict(roles={".*": "so"}), ValueError, r"at least one 'i' and one 'o'"),
     (dict(roles={".*": 3}), ValueError, r"roles\['\.\*'\] = 3"),
@@ -69,7 +85,7 @@ def test_bad_field_raises_one_clear_error_and_leaves_input_unchanged(overrides, 
 GOOD_FIELDS = [
     dict(rank=1),
     dict(rank=512),
-    dict(alpha=0.0),
+    dict(alpha=0.5),
     dict(alpha=16),
     dict(targets=[r".*/query/kernel", r".*/value/kernel"]),
     dict(targets=lambda path, leaf: path.endswith("kernel")),
@@ -257,3 +273,49 @@ def test_from_json_validates():
   text = _config().to_json().replace('"init": "kaiming"', '"init": "xavier"')
   with pytest.raises(ValueError, match="unknown init scheme 'xavier'"):
     jlora.LoraConfig.from_json(text)
+
+
+# --- NumPy and JAX scalars are accepted and stored as Python numbers ----------------------------
+
+
+@pytest.mark.parametrize("to_scalar", [np.int64, np.int32, jnp.int32, lambda x: jnp.asarray(x)],
+                         ids=["np.int64", "np.int32", "jnp.int32", "0-d jax array"])
+def test_numpy_and_jax_scalars_become_python_numbers(to_scalar):
+  config = jlora.LoraConfig(
+      rank=to_scalar(4), alpha=np.float32(8.0), targets=".*/kernel", dropout=np.float64(0.25),
+      rank_pattern={".*query.*": to_scalar(2)}, alpha_pattern={".*query.*": jnp.float32(0.5)},
+      use_rslora=np.bool_(False))
+  assert config == _config(dropout=0.25, rank_pattern={".*query.*": 2},
+                           alpha_pattern={".*query.*": 0.5})
+  assert type(config.rank) is int and type(config.alpha) is float
+  assert type(config.dropout) is float and type(config.use_rslora) is bool
+  assert type(config.rank_pattern[0][1]) is int and type(config.alpha_pattern[0][1]) is float
+  hash(config)  # a static argument of jax.jit
+  assert jlora.LoraConfig.from_json(config.to_json()) == config
+
+
+def test_traced_rank_is_a_clear_error():
+  def make(rank):
+    return _config(rank=rank).rank
+
+  with pytest.raises(TypeError, match=r"LoraConfig\.rank is a traced value.*Fix: pass a Python"):
+    jax.jit(make)(4)
+  assert make(jnp.int32(4)) == 4
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"rank": 4, "alpha": 8.0, "targets": [".*"]',
+     r"the text is not valid JSON \(.*\)\. Fix: pass the whole string"),
+    ("", r"the text is not valid JSON"),
+    ("[4, 8.0]", r"expected a JSON object of config fields, got \[4, 8\.0\]\. Fix:"),
+    ("null", r"expected a JSON object of config fields, got null\. Fix:"),
+    ("3", r"expected a JSON object of config fields, got 3\. Fix:"),
+])
+def test_from_json_of_something_else_is_one_clear_error(text, match):
+  with pytest.raises(ValueError, match=r"LoraConfig\.from_json: " + match):
+    jlora.LoraConfig.from_json(text)
+  with pytest.raises(TypeError, match=r"from_json: expected a JSON string, got NoneType\. Fix:"):
+    jlora.LoraConfig.from_json(None)  # type: ignore[arg-type]
+  with pytest.raises(TypeError, match=r"from_dict: expected a mapping .* got list\. Fix:"):
+    jlora.LoraConfig.from_dict([("rank", 4)])  # type: ignore[arg-type]
+  assert jlora.LoraConfig.from_json(_config().to_json().encode()) == _config()
