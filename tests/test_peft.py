@@ -1,5 +1,6 @@
 """Tests of jlora/peft.py: PEFT folder layout, round trips, errors, and the real `peft` library."""
 
+import dataclasses
 import json
 import math
 import os
@@ -434,3 +435,23 @@ def test_jlora_trained_adapter_loads_in_peft_with_equal_outputs(tmp_path, nets, 
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
   scaling = peft_model.base_model.model.out.scaling["default"]
   assert scaling == adapter.lora["params/out/kernel"].scale
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(b=np.zeros((3, 6), np.float32)), ValueError, r"params/fc1/kernel: a has rank 2 "
+     r"\(shape \(2, 8\)\) but b has rank 3"),
+    (dict(a=np.zeros((2, 7), np.float32)), ValueError, r"params/fc1/kernel: the kernel \(8, 6\) "
+     r"needs a of shape \(\.\.\., rank, 8\)"),
+    (dict(a=[[0.0] * 8] * 2), TypeError, r"params/fc1/kernel: factor a is a list, not an array"),
+])
+def test_export_refuses_inconsistent_factors_and_writes_nothing(tmp_path, changes, error, match):
+  adapter = jlora.init(jax.random.key(0), DENSE,
+                       jlora.LoraConfig(rank=2, alpha=4.0, targets=".*/kernel"))
+  bad = dataclasses.replace(adapter, lora=adapter.lora | {
+      "params/fc1/kernel": dataclasses.replace(adapter.lora["params/fc1/kernel"], **changes)})
+  with pytest.raises(error, match=match + r".*Fix:"):
+    peft.export_peft(tmp_path / "out", bad)
+  assert os.listdir(tmp_path) == []
+  peft.export_peft(tmp_path / "out", adapter)
+  assert sorted(os.listdir(tmp_path / "out")) == ["adapter_config.json",
+                                                  "adapter_model.safetensors"]
