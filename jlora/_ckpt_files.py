@@ -1,6 +1,7 @@
 """The files around jlora's orbax checkpoints: writer lock, cleanup, per-step checksums.
 
-Private to `jlora.checkpoint`. Nothing here knows orbax's API; it works on the directory:
+Private to `jlora.checkpoint`. `WriterManager` is the orbax `CheckpointManager` that
+`checkpoint_manager` returns; the rest works on the directory alone:
 
 * a writer lock (``.jlora-writer.lock``, `fcntl.flock`, held for a manager's lifetime), so a
   second process writing into the same directory fails at once instead of losing both runs;
@@ -14,6 +15,7 @@ Private to `jlora.checkpoint`. Nothing here knows orbax's API; it works on the d
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import hashlib
@@ -21,6 +23,9 @@ import json
 import os
 import shutil
 import warnings
+import weakref
+
+import orbax.checkpoint as ocp
 
 LOCK = ".jlora-writer.lock"
 TRASH = ".jlora-deleted"
@@ -184,3 +189,76 @@ def empty_trash(directory: str, *, put_back: bool) -> None:
         os.rename(os.path.join(trash, name), os.path.join(directory, name))
   for path in leftovers(directory):
     shutil.rmtree(path, ignore_errors=True)
+
+
+class WriterManager(ocp.CheckpointManager):
+  """An orbax `CheckpointManager` that holds the writer lock and seals every step it saves."""
+
+  def __init__(self, directory: str, options: ocp.CheckpointManagerOptions,
+               item_handlers: dict[str, ocp.CheckpointHandler], best: str | None = None):
+    os.makedirs(directory, exist_ok=True)
+    self._jlora_lock = lock(directory)
+    try:
+      clean(directory)
+      super().__init__(directory, options=options, item_handlers=item_handlers)
+    except BaseException:
+      self._jlora_lock.close()
+      raise
+    self._jlora_dir, self.ranked_by = directory, best
+    self._jlora_unsealed: list[int] = []
+    self._jlora_errors: list[BaseException] = []
+    atexit.register(_seal_at_exit, weakref.ref(self))
+
+  def save(self, step, *args, **kwargs) -> bool:
+    saved = super().save(step, *args, **kwargs)
+    if saved:
+      self._jlora_unsealed.append(step)
+    return saved
+
+  def check_for_errors(self):
+    try:
+      super().check_for_errors()
+    except Exception as e:  # orbax logs and drops it while finalizing: keep it for the raise
+      self._jlora_errors.append(e)
+      raise
+
+  def wait_until_finished(self):
+    """Waits for the background write, seals the new steps; raises if one did not land."""
+    try:
+      super().wait_until_finished()
+    except Exception as e:
+      self._jlora_errors.append(e)
+    pending, self._jlora_unsealed = self._jlora_unsealed, []
+    errors, self._jlora_errors = self._jlora_errors, []
+    lost = [s for s in pending if not os.path.isdir(os.path.join(self._jlora_dir, str(s)))
+            and (errors or s in self.all_steps())]
+    for step in pending:
+      if step not in lost and os.path.isdir(os.path.join(self._jlora_dir, str(step))):
+        seal(os.path.join(self._jlora_dir, str(step)))
+    empty_trash(self._jlora_dir, put_back=bool(lost))
+    if lost or errors:
+      self.reload()  # orbax still lists a step whose write failed
+      cause = "; ".join(f"{type(e).__name__}: {first_line(e)}" for e in errors) or "unknown"
+      raise CheckpointError(
+          f"checkpoint step(s) {lost} were not written to {self._jlora_dir} ({cause}). Steps "
+          "that max_to_keep had dropped meanwhile are kept. Fix: free disk space or fix the "
+          "cause above, then save again."
+      ) from (errors[0] if errors else None)
+
+  def close(self):
+    try:
+      self.wait_until_finished()
+    finally:
+      super().close()
+      self._jlora_lock.close()
+
+
+def _seal_at_exit(ref: weakref.ref) -> None:
+  manager = ref()
+  if manager is not None and manager._jlora_unsealed:  # noqa: SLF001
+    manager.wait_until_finished()
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message, for one-line jlora errors."""
+  return (str(e).strip().splitlines() or [""])[0][:300]

@@ -21,7 +21,8 @@ What jlora adds around orbax so that a checkpoint loses nothing and fails loud:
 * **Sealed steps.** Orbax writes a step into a temporary folder and renames it once complete;
   jlora then writes ``jlora_manifest.json`` into it: the size and sha256 of every file. `restore`
   checks every file against it, so a truncated, edited or deleted file is named in the error. A
-  step without a manifest was not finished and is never restored.
+  step without a manifest was not finished and is never restored (steps of jlora's first
+  format, ``jlora.adapter/1``, predate manifests: they are only checked for missing files).
 * **Atomic deletion.** Steps that ``max_to_keep`` drops are first renamed into
   ``.jlora-deleted`` and removed once the new step is sealed; if the new step fails, they are
   put back.
@@ -33,11 +34,9 @@ What jlora adds around orbax so that a checkpoint loses nothing and fails loud:
 
 from __future__ import annotations
 
-import atexit
 import math
 import os
 import warnings
-import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -87,78 +86,6 @@ class Restored(NamedTuple):
   step: int
   config: LoraConfig | None
   metrics: Any
-
-
-class _Manager(ocp.CheckpointManager):
-  """An orbax `CheckpointManager` that holds the writer lock and seals every step it saves."""
-
-  def __init__(self, directory: str, options: ocp.CheckpointManagerOptions,
-               best: str | None = None):
-    os.makedirs(directory, exist_ok=True)
-    self._jlora_lock = _files.lock(directory)
-    try:
-      _files.clean(directory)
-      super().__init__(directory, options=options, item_handlers=_handlers())
-    except BaseException:
-      self._jlora_lock.close()
-      raise
-    self._jlora_dir, self._jlora_best = directory, best
-    self._jlora_unsealed: list[int] = []
-    self._jlora_errors: list[BaseException] = []
-    atexit.register(_seal_at_exit, weakref.ref(self))
-
-  def save(self, step, *args, **kwargs) -> bool:
-    saved = super().save(step, *args, **kwargs)
-    if saved:
-      self._jlora_unsealed.append(step)
-    return saved
-
-  def check_for_errors(self):
-    try:
-      super().check_for_errors()
-    except Exception as e:  # orbax logs and drops it while finalizing: keep it for the raise
-      self._jlora_errors.append(e)
-      raise
-
-  def wait_until_finished(self):
-    """Waits for the background write, seals the new steps; raises if one did not land."""
-    try:
-      super().wait_until_finished()
-    except Exception as e:
-      self._jlora_errors.append(e)
-    pending, self._jlora_unsealed = self._jlora_unsealed, []
-    errors, self._jlora_errors = self._jlora_errors, []
-    lost = [s for s in pending if not os.path.isdir(os.path.join(self._jlora_dir, str(s)))
-            and (errors or s in self.all_steps())]
-    for step in pending:
-      if step not in lost and os.path.isdir(os.path.join(self._jlora_dir, str(step))):
-        _files.seal(os.path.join(self._jlora_dir, str(step)))
-    _files.empty_trash(self._jlora_dir, put_back=bool(lost))
-    if lost or errors:
-      self.reload()  # orbax still lists a step whose write failed
-      cause = "; ".join(f"{type(e).__name__}: {_first_line(e)}" for e in errors) or "unknown"
-      raise CheckpointError(
-          f"checkpoint step(s) {lost} were not written to {self._jlora_dir} ({cause}). Steps "
-          "that max_to_keep had dropped meanwhile are kept. Fix: free disk space or fix the "
-          "cause above, then save again."
-      ) from (errors[0] if errors else None)
-
-  def close(self):
-    try:
-      self.wait_until_finished()
-    finally:
-      super().close()
-      self._jlora_lock.close()
-
-
-def _seal_at_exit(ref: weakref.ref) -> None:
-  manager = ref()
-  if manager is not None and manager._jlora_unsealed:
-    manager.wait_until_finished()
-
-
-def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def _ranking(best: str, best_mode: str):
@@ -219,7 +146,7 @@ def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None 
   opts = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, best_mode=best_mode,
       best_fn=None if best is None else _ranking(best, best_mode), **options)
-  return _Manager(os.path.abspath(os.fspath(directory)), opts, best)
+  return _files.WriterManager(os.path.abspath(os.fspath(directory)), opts, _handlers(), best)
 
 
 def _roles_json(roles: AxisRoles) -> dict[str, Any]:
@@ -250,7 +177,8 @@ def _abstract_adapter(metadata: Mapping[str, Any]) -> Adapter:
   if metadata.get("format") not in _READS:
     raise ValueError(
         f"This checkpoint's adapter metadata has format {metadata.get('format')!r}; this jlora "
-        f"reads {_FORMAT!r}. Fix: restore it with the jlora version that saved it."
+        f"reads {' and '.join(map(repr, _READS))}. Fix: restore it with the jlora version that "
+        "saved it."
     )
   lora = {}
   for path, f in metadata["lora"].items():
@@ -284,19 +212,16 @@ def _check_step(step: Any, where: str) -> int:
 
 def _check_metrics(manager: ocp.CheckpointManager, step: int, metrics: Any) -> Any:
   """The metrics to give orbax; raises before anything is written if the ranking cannot use them."""
-  best = getattr(manager, "_jlora_best", None)
-  ranks = best is not None or manager._options.best_fn is not None  # noqa: SLF001
-  if not ranks:
+  best = getattr(manager, "ranked_by", None)  # jlora's managers know it; orbax's do not say
+  if best is None:
     return metrics
-  name = repr(best) if best is not None else "the metric its best_fn reads"
-  if not isinstance(metrics, Mapping) or (best is not None and best not in metrics):
+  name = repr(best)
+  if not isinstance(metrics, Mapping) or best not in metrics:
     got = "metrics=None" if metrics is None else f"metrics with keys {sorted(metrics)}" \
         if isinstance(metrics, Mapping) else f"metrics={metrics!r}"
     raise ValueError(f"save: the manager of {manager.directory} ranks checkpoints by {name}, "
                      f"but step {step} got {got}; nothing was saved. Fix: pass "
                      f"metrics={{{name}: value}}, or use a manager without `best`.")
-  if best is None:
-    return metrics
   value = metrics[best]
   if isinstance(value, bool | np.bool_) or np.ndim(value) != 0 \
       or not np.issubdtype(np.asarray(value).dtype, np.number):
@@ -359,12 +284,13 @@ def save(target: Source, step: int, adapter: Adapter, *, opt_state: Any = None,
     items[_CONFIG] = ocp.args.JsonSave(config.to_dict())
   if opt_state is not None:
     items[_OPT_STATE] = ocp.args.StandardSave(opt_state)
-  if isinstance(target, _Manager):
+  if isinstance(target, _files.WriterManager):
     return _save_new(target, step, items, metrics)
   if isinstance(target, ocp.CheckpointManager):  # not ours: wait, check, seal here
     return _save_and_seal(target, step, items, metrics)
   options = ocp.CheckpointManagerOptions(todelete_subdir=_files.TRASH)
-  with _Manager(os.path.abspath(os.fspath(target)), options) as manager:
+  with _files.WriterManager(os.path.abspath(os.fspath(target)), options,
+                            _handlers()) as manager:
     saved = _save_new(manager, step, items, metrics)
     manager.wait_until_finished()
   return saved
@@ -497,7 +423,7 @@ def _read(manager: ocp.CheckpointManager, step: int, what: str, fix: str, **item
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax/tensorstore internals: one jlora error naming the step
     raise CheckpointError(f"restore: could not read {what} of checkpoint step {step} in "
-                          f"{manager.directory}: {type(e).__name__}: {_first_line(e)} "
+                          f"{manager.directory}: {type(e).__name__}: {_files.first_line(e)} "
                           f"Fix: {fix}") from e
 
 

@@ -18,12 +18,13 @@ import os
 import stat
 import sys
 
-import conftest  # noqa: F401  (the same JAX settings as the test process)
 import jax
-import jax.numpy as jnp
 
-import jlora
-from jlora import checkpoint
+jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py, minus its imports
+import jax.numpy as jnp  # noqa: E402
+
+import jlora  # noqa: E402
+from jlora import checkpoint  # noqa: E402
 
 PARAMS = {"fc": {"kernel": jnp.ones((64, 32))}}
 CONFIG = jlora.LoraConfig(rank=4, alpha=8.0, targets="fc/kernel")

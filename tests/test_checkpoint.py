@@ -182,6 +182,7 @@ def test_save_killed_midway_leaves_previous_checkpoint(tmp_path):
   _assert_adapters_equal(restored.adapter, expected)
   with checkpoint.checkpoint_manager(tmp_path) as manager:  # and saving goes on
     assert manager.all_steps() == [1]
+    assert not any(name.startswith("2.") for name in os.listdir(tmp_path))  # cleaned up
     checkpoint.save(manager, 2, expected)
     manager.wait_until_finished()
   assert checkpoint.restore(tmp_path).step == 2
