@@ -492,4 +492,4 @@ def test_compiled_training_step_has_no_weight_gradient(name):
   assert found["wrap"] == ([], []), found["wrap"]
   # Not vacuous: the same search finds the naive recipe's weight gradients, one per kernel.
   in_hlo, in_jaxpr = found["merged"]
-  assert len(in_hlo) >= len(adapter.lora) <= len(in_jaxpr), found["merged"]
+  assert min(len(in_hlo), len(in_jaxpr)) >= len(adapter.lora), found["merged"]
