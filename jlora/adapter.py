@@ -123,8 +123,8 @@ def _roles_without_model(path: str, leaf, config: LoraConfig) -> AxisRoles:
   raise ValueError(
       f"{path}: a kernel of shape {tuple(leaf.shape)} has more than two axes, and jlora does not "
       "guess which are contracted. Fix: pass the model and example inputs, `jlora.init(key, "
-      "variables, config, model.apply, x)` (or the NNX module and x), or state them in LoraConfig.roles, e.g. "
-      "{'.*attn/out/kernel': 'iio'}."
+      "variables, config, model.apply, x)` (or the NNX module and x), or state them in "
+      "LoraConfig.roles, e.g. {'.*attn/out/kernel': 'iio'}."
   )
 
 
@@ -137,20 +137,8 @@ def _target_roles(targets, config, model, tree, args, kwargs) -> dict[str, AxisR
   traced = {}
   if model is not None and to_trace:
     traced = read_roles(program.as_function(model), tree, set(to_trace), args, kwargs)
-  roles = {}
-  for path, leaf in targets.items():
-    if path in traced:
-      roles[path] = traced[path]
-    elif model is not None and path in to_trace:
-      raise ValueError(
-          f"{path} was selected by LoraConfig.targets, but no contraction, convolution or row "
-          "lookup consumes it when the model runs on the example inputs (a bias, a norm scale "
-          "or an unused leaf cannot take a low-rank update). Fix: narrow the targets, pass "
-          "inputs that reach it, or list it in LoraConfig.trainable to train it in full."
-      )
-    else:
-      roles[path] = _roles_without_model(path, leaf, config)
-  return roles
+  return {path: traced[path] if path in traced else _roles_without_model(path, leaf, config)
+          for path, leaf in targets.items()}
 
 
 def _check_floating(path: str, leaf) -> None:

@@ -155,6 +155,7 @@ class _Reader(program.Rules):
   def __init__(self):
     self.uses: dict[str, list[Use]] = {}
     self.sliced_axes: dict[str, set[int]] = {}
+    self.other_ops: dict[str, list[str]] = {}
 
   def use(self, eqn, invals):
     tags = [x for x in invals if isinstance(x, program.Tag)]
@@ -167,7 +168,13 @@ class _Reader(program.Rules):
         found = use_of(eqn, x, position)
         if found is not None:
           self.uses.setdefault(x.path, []).append(found)
+        else:
+          self.other_ops.setdefault(x.path, []).append(eqn.primitive.name)
     return super().use(eqn, invals)
+
+  def use_as_value(self, tag, op="an output"):
+    self.other_ops.setdefault(tag.path, []).append(op)
+    return super().use_as_value(tag, op)
 
   def sliced(self, tag, axis, op):
     self.sliced_axes.setdefault(tag.path, set()).add(axis)
@@ -196,10 +203,24 @@ def _resolve(path: str, shape, uses: list[Use], sliced: set[int]) -> AxisRoles:
                    tuple(sorted(stacked)))
 
 
+def _unused_error(path: str, ops: list[str]) -> ValueError:
+  reached = f"it reaches: {', '.join(dict.fromkeys(ops))}" if ops else "the program never uses it"
+  return ValueError(
+      f"{path} was selected by LoraConfig.targets, but no contraction, convolution or row "
+      f"lookup consumes it when the model runs on the example inputs ({reached}; a bias, a "
+      "norm scale or an unused leaf cannot take a low-rank update). Fix: narrow the targets, "
+      "pass inputs that reach it, or list it in LoraConfig.trainable to train it in full."
+  )
+
+
 def read_roles(fn: Callable[..., Any], tree, paths, args, kwargs) -> dict[str, AxisRoles]:
   """Runs ``fn(tree, *args, **kwargs)`` abstractly and reads the roles of the kernels at
-  `paths` from the ops that consume them; a path no contraction, convolution or lookup
-  consumes is left out."""
+  `paths` from the ops that consume them.
+
+  Raises:
+    ValueError: naming the path, if no contraction, convolution or row lookup consumes one,
+      or its uses disagree on its axes.
+  """
   traced = program.trace(fn, tree, args, kwargs)
   reader = _Reader()
 
@@ -210,5 +231,7 @@ def read_roles(fn: Callable[..., Any], tree, paths, args, kwargs) -> dict[str, A
 
   jax.eval_shape(run, [program.abstract(x) for x in traced.leaves], list(traced.arrays))
   shapes = dict(zip(traced.leaf_paths, (x.shape for x in traced.leaves), strict=True))
+  for path in sorted(set(paths) - set(reader.uses)):
+    raise _unused_error(path, reader.other_ops.get(path, []))
   return {p: _resolve(p, shapes[p], uses, reader.sliced_axes.get(p, set()))
           for p, uses in reader.uses.items()}

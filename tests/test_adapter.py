@@ -128,7 +128,7 @@ def test_bias_or_norm_scale_with_a_model_names_it_and_says_why(abstract_lm, targ
   model, variables, ids = abstract_lm
   config = jlora.LoraConfig(rank=1, alpha=1.0, targets=target)
   with pytest.raises(ValueError, match=rf"{path} was selected by LoraConfig\.targets, but no "
-                     r"Dense.*(?s:.*)a bias, a norm scale.*LoraConfig\.trainable"):
+                     r"contraction.*(?s:.*)a bias, a norm scale.*LoraConfig\.trainable"):
     jlora.init(KEY, variables, config, model.apply, ids)
   # As a trainable extra it is fine.
   config = jlora.LoraConfig(rank=1, alpha=1.0, targets=r".*/conv/kernel", trainable=target)
@@ -302,7 +302,7 @@ def test_nnx_state_paths_and_roles(abstract_nnx):
   model, state = abstract_nnx
   config = jlora.LoraConfig(rank=2, alpha=4.0, targets=r"(conv|out|head)/kernel",
                             trainable=r"head/bias")
-  adapter = _abstract_init(state, config, model)
+  adapter = _abstract_init(state, config, model, jnp.zeros((2, 6), jnp.int32))
   assert sorted(adapter.lora) == ["conv/kernel", "head/kernel", "out/kernel"]
   assert list(adapter.extras) == ["head/bias"]
   assert adapter.lora["out/kernel"].a.shape == (2, 8)  # out kernel (2, 4, 8): fan_in 2·4
@@ -311,8 +311,9 @@ def test_nnx_state_paths_and_roles(abstract_nnx):
 def test_nnx_bias_targeted_with_the_module_names_it(abstract_nnx):
   model, state = abstract_nnx
   config = jlora.LoraConfig(rank=1, alpha=1.0, targets=r"head/(kernel|bias)")
+  ids = jnp.zeros((2, 6), jnp.int32)
   with pytest.raises(ValueError, match=r"head/bias was selected by LoraConfig\.targets"):
-    _abstract_init(state, config, model)
+    _abstract_init(state, config, model, ids)
   config = jlora.LoraConfig(rank=1, alpha=1.0, targets=r"head/kernel", trainable=r"head/bias")
   assert list(_abstract_init(state, config, model).extras) == ["head/bias"]
 

@@ -167,7 +167,7 @@ def test_nnx_story_train_with_wrap_then_serve_merged():
 
   config = jlora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=r".*kernel",
                             trainable=r"head/bias")
-  adapter = jlora.init(jax.random.key(1), state, config, model)
+  adapter = jlora.init(jax.random.key(1), state, config, model, ids)
   assert len(adapter.lora) == 2 * 6 + 1 and "blocks/0/value/kernel" in adapter.lora
   lora_apply = jlora.wrap(graphdef)
   optimizer = optax.adam(3e-3)

@@ -1,4 +1,4 @@
-"""Tests for jlora/roles.py: axis roles read from the modules that use each kernel.
+"""Tests for jlora/roles.py: axis roles read from the program that uses each kernel.
 
 Roles depend on shapes only, so these tests run abstractly: variables from
 `jax.eval_shape(model.init, ...)`, adapters from `jax.eval_shape(jlora.init, ...)`. That also
@@ -15,6 +15,7 @@ import jlora
 from jlora import AxisRoles
 
 KEY = jax.random.key(0)
+IDS = jnp.zeros((2, 6), jnp.int32)  # an input for the TinyNNX fixture
 
 
 def _roles(adapter) -> dict:
@@ -64,10 +65,10 @@ def test_tiny_lm_factor_shapes(abstract_lm):
   assert shapes["params/layers/up/kernel"] == ((2, 2, 8), (2, 2, 16))
 
 
-def test_tiny_nnx_roles_are_read_from_the_module(abstract_nnx):
+def test_tiny_nnx_roles_are_read_from_its_program(abstract_nnx):
   model, state = abstract_nnx
   config = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*(kernel|embedding)")
-  got = _roles(_abstract_init(state, config, model))
+  got = _roles(_abstract_init(state, config, model, IDS))
   assert got == {
       "embed/embedding": AxisRoles("embed", (0,), (1,)),
       "conv/kernel": AxisRoles("conv", (0, 1), (2,)),
@@ -78,12 +79,13 @@ def test_tiny_nnx_roles_are_read_from_the_module(abstract_nnx):
   }
 
 
-def test_nnx_state_without_the_module_refuses_multi_axis_kernels(abstract_nnx):
+@pytest.mark.parametrize("with_module", [False, True])
+def test_nnx_state_without_inputs_refuses_multi_axis_kernels(abstract_nnx, with_module):
   model, state = abstract_nnx
   config = jlora.LoraConfig(rank=2, alpha=4.0, targets=r"(query|head)/kernel")
   with pytest.raises(ValueError, match=r"query/kernel: a kernel of shape \(8, 2, 4\) has more"):
-    _abstract_init(state, config)
-  adapter = _abstract_init(state, config, model)
+    _abstract_init(state, config, *((model,) if with_module else ()))
+  adapter = _abstract_init(state, config, model, IDS)
   assert adapter.lora["query/kernel"].roles.features == (1, 2)
 
 
@@ -144,42 +146,53 @@ def test_scanned_kernel_gets_a_leading_stacked_axis():
   assert got == {"params/fc/kernel": AxisRoles("dense", (1,), (2,), stacked=(0,))}
 
 
-def test_scan_over_a_non_leading_axis_needs_config_roles():
-  module, x = _ScanDense(axis=1), jnp.ones((2, 4))
-  with pytest.raises(ValueError, match=r"params/fc/kernel: the module uses a kernel of shape "
-                     r"\(4, 4\) but the tree holds \(4, 3, 4\).*LoraConfig\.roles"):
-    _linen_roles(module, x)
-
-
-def test_config_roles_fix_a_scan_over_a_non_leading_axis():
-  # The error above says: state the axes in LoraConfig.roles. Doing so must work.
+def test_scan_over_a_non_leading_axis_is_read_from_the_program():
+  # nn.scan(variable_axes={"params": 1}) moves the layer axis to the front before it slices.
+  expected = {"params/fc/kernel": AxisRoles("dense", (0,), (2,), stacked=(1,))}
+  assert _linen_roles(_ScanDense(axis=1), jnp.ones((2, 4))) == expected
+  # Config letters state the same thing without a model.
   got = _linen_roles(_ScanDense(axis=1), jnp.ones((2, 4)), roles={r".*fc/kernel": "iso"})
-  assert got == {"params/fc/kernel": AxisRoles("dense", (0,), (2,), stacked=(1,))}
+  assert got == expected
+
+
+# --- kernel axes a contraction batches over: one update per index ------------------------------
+
+
+def test_dense_general_batch_dims_get_factors_per_index():
+  x = jnp.ones((2, 3, 4))
+  got = _linen_roles(nn.DenseGeneral(5, axis=-1, batch_dims=(0,)), x)
+  assert got == {"params/kernel": AxisRoles("dense", (1,), (2,), stacked=(0,))}
+  assert _linen_roles(nn.DenseGeneral(5, axis=-1), x)["params/kernel"].features == (1,)
+
+
+def test_einsum_with_a_per_head_kernel_axis_gets_factors_per_head():
+  x = jnp.ones((2, 3, 4))
+  got = _linen_roles(nn.Einsum((3, 4, 5), "bhd,hdk->bhk"), x)
+  assert got == {"params/kernel": AxisRoles("dense", (1,), (2,), stacked=(0,))}
+  assert _linen_roles(nn.Einsum((4, 5), "bhd,dk->bhk"), x)["params/kernel"].contracting == (0,)
 
 
 # --- kernels with no single low-rank update ---------------------------------------------------
 
 
-def test_dense_general_with_batch_dims_is_refused():
-  x = jnp.ones((2, 3, 4))
-  with pytest.raises(ValueError, match=r"params/kernel: DenseGeneral with batch_dims.*exclude"):
-    _linen_roles(nn.DenseGeneral(5, axis=-1, batch_dims=(0,)), x)
-  assert _linen_roles(nn.DenseGeneral(5, axis=-1), x)["params/kernel"].features == (1,)
-
-
-def test_grouped_conv_is_refused():
+def test_grouped_conv_is_refused_naming_the_op():
   x = jnp.ones((1, 5, 4))
-  with pytest.raises(ValueError, match=r"params/kernel: a grouped convolution \(groups=2\)"):
+  with pytest.raises(ValueError, match=r"params/kernel was selected.*no contraction.*it reaches: "
+                     r"conv_general_dilated"):
     _linen_roles(nn.Conv(4, (3,), feature_group_count=2), x)
   assert _linen_roles(nn.Conv(4, (3,)), x)["params/kernel"].kind == "conv"
 
 
-def test_einsum_with_a_shared_kernel_axis_is_refused():
-  x = jnp.ones((2, 3, 4))
-  with pytest.raises(ValueError, match=r"params/kernel: the Einsum 'bhd,hdk->bhk' uses kernel "
-                     r"axes 'h' that are neither purely contracted nor purely output"):
-    _linen_roles(nn.Einsum((3, 4, 5), "bhd,hdk->bhk"), x)
-  assert _linen_roles(nn.Einsum((4, 5), "bhd,dk->bhk"), x)["params/kernel"].contracting == (0,)
+def test_uses_that_disagree_on_the_axes_are_refused():
+  def fn(params, x):  # one kernel, contracted over axis 0 here and over axis 1 there
+    w = params["w"]
+    return jnp.einsum("bi,ijk->bjk", x, w).sum() + jnp.einsum("bj,ijk->bik", x[:, :3], w).sum()
+
+  params, x = {"w": jnp.ones((4, 3, 5))}, jnp.ones((2, 4))
+  config = jlora.LoraConfig(rank=1, alpha=1.0, targets="w")
+  with pytest.raises(ValueError, match=r"w: the program's dot_general contracts kernel axes \[0\]"
+                     r" but its dot_general contracts \[1\]"):
+    _abstract_init(params, config, fn, x)
 
 
 # --- NNX --------------------------------------------------------------------------------------
@@ -195,19 +208,27 @@ class _NNXStack(nnx.Module):
 
     self.layers = make(jax.random.split(KEY, 3))
 
+  def __call__(self, x):  # x: (layers, batch, 4), one slice per layer
+    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    def each(layer, x):
+      return layer(x)
+
+    return each(self.layers, x)
+
 
 def test_nnx_stacked_kernel_gets_a_stacked_axis():
   model = nnx.eval_shape(_NNXStack)
   state = nnx.state(model)
   config = jlora.LoraConfig(rank=2, alpha=1.0, targets=r".*kernel")
-  roles = _abstract_init(state, config, model).lora["layers/kernel"].roles
+  roles = _abstract_init(state, config, model, jnp.ones((3, 2, 4))).lora["layers/kernel"].roles
   assert roles == AxisRoles("dense", (1,), (2,), stacked=(0,))
 
 
 def test_nnx_linear_general_multi_axis():
   model = nnx.eval_shape(lambda: nnx.LinearGeneral((2, 3), 5, axis=(-2, -1), rngs=nnx.Rngs(0)))
   config = jlora.LoraConfig(rank=2, alpha=1.0, targets=r".*kernel")
-  assert _abstract_init(nnx.state(model), config, model).lora["kernel"].roles == AxisRoles(
+  x = jnp.ones((2, 2, 3))
+  assert _abstract_init(nnx.state(model), config, model, x).lora["kernel"].roles == AxisRoles(
       "dense", (0, 1), (2,))
 
 
