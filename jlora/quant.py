@@ -368,7 +368,7 @@ def quantize_array(x: jax.Array, scheme: str = "nf4", *, block_size: int | None 
   _check_options("jlora.quantize_array", scheme, block_size)
   problem = _leaf_problem("the array", x, scheme, block_size)
   if problem:
-    raise ValueError(f"jlora.quantize_array: cannot quantize {problem}")
+    raise ValueError(f"jlora.quantize_array: {problem}")
   block = x.shape[-1] if block_size is None else block_size
   encode = lambda a: _encode(a, scheme, block, bool(double_quant))
   out_shardings = _shardings(x, jax.eval_shape(encode, x))
@@ -415,7 +415,7 @@ def quantize(tree, targets: str | Sequence[str] | Callable[[str, Any], bool],
   for path, leaf in chosen.items():
     problem = _leaf_problem(path, leaf, scheme, block_size)
     if problem:
-      raise ValueError(f"jlora.quantize: cannot quantize {problem}")
+      raise ValueError(f"jlora.quantize: {problem}")
   return _tree.replace(tree, {
       path: quantize_array(leaf, scheme, block_size=block_size, double_quant=double_quant)
       for path, leaf in chosen.items()})

@@ -5,13 +5,18 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 
 from jlora import _tree
 from jlora.adapter import Adapter, Params
+from jlora.quant import is_quantized
 
 
 def summary(adapter: Adapter, params: Params | None = None) -> str:
   """A table of each adapted kernel (shape, rank, scale, size) and the trainable total.
+
+  When `params` holds quantized kernels (`jlora.quant`), a last line gives the bytes the frozen
+  base really occupies against the same tree stored dense in its original dtypes.
 
   Args:
     adapter: the adapter to describe.
@@ -28,6 +33,12 @@ def summary(adapter: Adapter, params: Params | None = None) -> str:
     path       kernel    kind   rank  scale  params
     fc/kernel  (64, 32)  dense     4  2      384
     trainable: 384 of 2,080 (18.462%)
+    >>> qparams = jlora.quant.quantize(params, "fc/kernel", "nf4", block_size=32)
+    >>> print(jlora.summary(jlora.init(jax.random.key(0), params, config), qparams))
+    path       kernel    kind   rank  scale  params
+    fc/kernel  (64, 32)  dense     4  2      384
+    trainable: 384 of 2,080 (18.462%)
+    frozen base: 1,408 bytes with 1 quantized kernel (nf4), 8,320 bytes dense (0.169x)
   """
   rows = [("path", "kernel", "kind", "rank", "scale", "params")]
   for path, f in sorted(adapter.lora.items()):
@@ -47,4 +58,19 @@ def summary(adapter: Adapter, params: Params | None = None) -> str:
   if params is not None:
     base = sum(math.prod(x.shape) for x in _tree.flatten(params).values())
     total += f" of {base:,} ({100 * trained / base:.3f}%)"
-  return "\n".join([*lines, total])
+  return "\n".join([*lines, total, *([] if params is None else _base_bytes(params))])
+
+
+def _base_bytes(params: Params) -> list[str]:
+  """The frozen-base bytes line, quantized against dense, when `params` has quantized kernels."""
+  leaves = list(_tree.flatten(params).values())
+  quantized = [x for x in leaves if is_quantized(x)]
+  if not quantized:
+    return []
+  dense_bytes = lambda x: math.prod(x.shape) * np.dtype(x.dtype).itemsize
+  stored = sum(x.nbytes if is_quantized(x) else dense_bytes(x) for x in leaves)
+  dense = sum(dense_bytes(x) for x in leaves)
+  schemes = ", ".join(sorted({x.scheme for x in quantized}))
+  kernels = f"{len(quantized)} quantized kernel{'s' if len(quantized) > 1 else ''}"
+  return [f"frozen base: {stored:,} bytes with {kernels} ({schemes}), {dense:,} bytes dense "
+          f"({stored / dense:.3f}x)"]

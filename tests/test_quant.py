@@ -407,12 +407,12 @@ def test_bad_options_are_rejected(kwargs, message):
 
 
 def test_quantize_array_names_the_array_in_its_errors():
-  with pytest.raises(ValueError, match=r"quantize_array: cannot quantize the array has shape"):
+  with pytest.raises(ValueError, match=r"quantize_array: the array has shape"):
     jq.quantize_array(jnp.ones(64))
 
 
 def test_targets_matching_nothing_lists_close_paths():
-  with pytest.raises(ValueError, match=r"matched no leaf.*'fc/kernels'.*look close:.*fc/kernel"
+  with pytest.raises(ValueError, match=r"(?s)matched no leaf.*'fc/kernels'.*look close:.*fc/kernel"
                      r".*Fix:") as info:
     jq.quantize(PARAMS, "fc/kernels")
   assert "\n" in str(info.value)

@@ -82,3 +82,24 @@ def test_summary_of_a_small_adapter_reads_like_a_table():
       "fc/bias    (32,)     full      -  -      32",
       "trainable: 416 of 2,080 (20.000%)",
   ]
+
+
+def test_summary_reports_the_bytes_of_a_quantized_base(tiny_lm):
+  model, variables, ids = tiny_lm
+  config = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*/(up|down)/kernel")
+  adapter = jlora.init(KEY, variables, config, model.apply, ids)
+  qvars = jlora.quant.quantize(variables, r".*/(up|down|query)/kernel", "nf4", block_size=4)
+  qvars = jlora.quant.quantize(qvars, r".*/conv/kernel", "int8", block_size=None)
+  leaves = jax.tree.leaves(variables)
+  dense = sum(x.size * x.dtype.itemsize for x in leaves)  # all float32
+  stored = sum(x.nbytes for x in jax.tree.leaves(qvars))  # codes, scales and dense leaves
+  assert stored < dense
+  lines = jlora.summary(adapter, qvars).splitlines()
+  assert lines[-2] == jlora.summary(adapter, variables).splitlines()[-1]  # same counts
+  assert lines[-1] == (f"frozen base: {stored:,} bytes with 4 quantized kernels (int8, nf4), "
+                       f"{dense:,} bytes dense ({stored / dense:.3f}x)")
+
+
+def test_summary_of_a_dense_base_has_no_bytes_line(adapted):
+  variables, adapter = adapted
+  assert "frozen base" not in jlora.summary(adapter, variables)
