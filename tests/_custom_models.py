@@ -458,6 +458,54 @@ def control_flow(name: str, sign: float = 1.0) -> Case:
 
 
 # ----------------------------------------------------------------------------------------------
+# Layout ops on a kernel before its contraction: a fused kernel reshaped or split, a cast.
+
+
+def _fused_qkv(params, x):
+  """One (D, 3·N·H) kernel reshaped to (D, 3, N, H) and contracted once: q, k, v."""
+  w = params["qkv"].reshape(x.shape[-1], 3, N, H)
+  q, k, v = jnp.einsum("btd,dcnh->cbtnh", x, w)
+  probs = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k) * H**-0.5, axis=-1)
+  o = jnp.einsum("bnts,bsnh->btnh", probs, v)
+  return o.reshape(*o.shape[:2], N * H) @ params["out"]
+
+
+def _split_columns(params, x):
+  """One (D, 2·16) kernel split into gate and up halves by slicing."""
+  w = params["w"]
+  half = w.shape[1] // 2
+  return (jax.nn.silu(x @ w[:, :half]) * (x @ w[:, half:])) @ params["w2"]
+
+
+def _bf16_compute(params, x):
+  """float32 params cast to bfloat16 at the use, as mixed-precision models do."""
+  h = x.astype(jnp.bfloat16) @ params["w1"].astype(jnp.bfloat16)
+  h = jax.nn.gelu(h.astype(jnp.float32) + params["b1"][None, :])
+  return h.astype(jnp.bfloat16) @ params["w2"].astype(jnp.bfloat16)
+
+
+LAYOUT = {
+    "fused_qkv_reshape": (
+        _fused_qkv, {"qkv": normal((D, 3 * N * H), 42, 0.3), "out": normal((N * H, D), 43, 0.3)},
+        {"qkv": dense((0,), (1,)), "out": dense((0,), (1,))}, (B, T, D)),
+    "split_columns": (
+        _split_columns, {"w": normal((D, 32), 44, 0.3), "w2": normal((16, D), 45, 0.3)},
+        {"w": dense((0,), (1,)), "w2": dense((0,), (1,))}, (TOKENS, D)),
+}
+
+
+def layout(name: str) -> Case:
+  fn, params, roles, shape = LAYOUT[name]
+  return Case(fn, params, (normal(shape, 46),), "|".join(roles), roles, fn)
+
+
+def bf16_compute() -> Case:
+  roles = {"w1": dense((0,), (1,)), "w2": dense((0,), (1,))}
+  return Case(_bf16_compute, mlp_params(47), (normal((TOKENS, D), 48),), r"w\d", roles,
+              _bf16_compute)
+
+
+# ----------------------------------------------------------------------------------------------
 # 7. A kernel also used elementwise (a masked weight) beside its contraction.
 
 

@@ -278,6 +278,15 @@ def test_cond_choosing_between_two_uses_of_a_kernel(sign):
   _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(adapter), *case.args)
 
 
+@pytest.mark.parametrize("name", list(cm.LAYOUT))
+def test_layout_ops_on_a_kernel_before_its_contraction(name):
+  """A fused kernel reshaped to more axes, or sliced into halves, before it is contracted."""
+  case = cm.layout(name)
+  adapter = _init(case)
+  _assert_roles(adapter, case)
+  _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(adapter), *case.args)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. A kernel also used elementwise: merged for that use, one warning.
 
@@ -407,6 +416,16 @@ def test_linen_lora_dropout_rng_still_works():
 
 def _bf16(case: cm.Case) -> cm.Case:
   return case._replace(tree=jax.tree.map(lambda w: w.astype(jnp.bfloat16), case.tree))
+
+
+def test_bf16_compute_with_f32_params():
+  """Kernels cast to bfloat16 at their use; tolerances as for a bf16 base."""
+  case = cm.bf16_compute()
+  adapter = _init(case)
+  _assert_roles(adapter, case)
+  y, _ = _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(adapter), *case.args,
+                  rtol=BF16_RTOL, grad_rtol=BF16_GRAD_RTOL)
+  assert y.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("builder", [cm.dict_mlp, cm.gemma_attention, cm.torch_style_mlp])
