@@ -8,6 +8,8 @@ Private to `jlora.checkpoint`. `WriterManager` is the orbax `CheckpointManager` 
 * a sealed step: once orbax has renamed a step into place, jlora writes ``jlora_manifest.json``
   into it with the size and sha256 of every file, and the manifest's own sha256. A step of the
   current format without a manifest is incomplete (the process died before it was sealed);
+* errors that orbax logs and drops in its background thread, raised from the next save,
+  ``wait_until_finished()`` or ``close()``;
 * cleanup when a manager opens for writing: orbax's temporary folders, the folder that steps
   deleted by ``max_to_keep`` are renamed into (so a deletion is one atomic rename), and
   incomplete steps.
@@ -125,8 +127,11 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def problem(step_dir: str) -> tuple[str, str] | None:
-  """None if the step is whole; else (kind, what), kind "incomplete" or "corrupt"."""
+def problem(step_dir: str, *, hashes: bool = True) -> tuple[str, str] | None:
+  """None if the step is whole; else (kind, what), kind "incomplete" or "corrupt".
+
+  Without `hashes`, only the files' presence and sizes are checked (cheap: for cleanup).
+  """
   manifest_path = os.path.join(step_dir, MANIFEST)
   if not os.path.exists(manifest_path):
     return _unsealed_problem(step_dir)
@@ -146,7 +151,7 @@ def problem(step_dir: str) -> tuple[str, str] | None:
     size = os.path.getsize(path)
     if size != want["size"]:
       return "corrupt", f"{path} has {size} bytes, {want['size']} were saved (truncated?)"
-    if _sha256(path) != want["sha256"]:
+    if hashes and _sha256(path) != want["sha256"]:
       return "corrupt", f"{path} does not match its saved sha256 (changed on disk)"
   return None
 
@@ -173,7 +178,7 @@ def clean(directory: str) -> None:
   for path in leftovers(directory):
     shutil.rmtree(path, ignore_errors=True)
   for step, path in sorted(step_dirs(directory).items()):
-    found = problem(path)
+    found = problem(path, hashes=False)
     if found is not None and found[0] == "incomplete":
       warnings.warn(f"checkpoint_manager: removed incomplete checkpoint step {step} in "
                     f"{directory}: {found[1]}.", UserWarning, stacklevel=3)

@@ -11,7 +11,8 @@ A checkpoint is one step of an `orbax.checkpoint.CheckpointManager` with these i
 * ``config`` (when given): `LoraConfig.to_dict` as JSON.
 
 The step is the manager's step number. The frozen base params are never written: a checkpoint
-is adapter-sized. Directories are made absolute before orbax sees them.
+is adapter-sized. Directories are local (or mounted) paths, made absolute before orbax sees
+them; URLs and multi-process runs are refused (save with orbax there: docs/multihost.md).
 
 What jlora adds around orbax so that a checkpoint loses nothing and fails loud:
 
@@ -28,6 +29,10 @@ What jlora adds around orbax so that a checkpoint loses nothing and fails loud:
   put back.
 * **Failed writes surface.** A background write that fails raises from the next `save`, from
   ``wait_until_finished()`` or from ``close()``, and the step is no longer listed.
+* **Checked metrics.** With ``best``, `save` refuses metrics that lack it or are not a number
+  before anything is written; a NaN or infinite value is warned and ranks worst.
+* **Finite on restore.** `restore` raises if a restored factor or extra holds NaN or inf
+  (`jlora.check_finite`), unless given ``validate=False``.
 * **Cleanup only when writing.** Opening a manager removes orbax's unfinished temporary folders
   and incomplete steps (with a warning); `restore` from a directory never writes to it.
 """
@@ -146,7 +151,25 @@ def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None 
   opts = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, best_mode=best_mode,
       best_fn=None if best is None else _ranking(best, best_mode), **options)
-  return _files.WriterManager(os.path.abspath(os.fspath(directory)), opts, _handlers(), best)
+  return _files.WriterManager(_writable(directory), opts, _handlers(), best)
+
+
+def _local(directory: str | os.PathLike, where: str) -> str:
+  """`directory` as an absolute local path (orbax needs absolute ones; locks need a local one)."""
+  path = os.fspath(directory)
+  if "://" in path:
+    raise ValueError(f"{where}: {path!r} is a URL; jlora's checkpoints lock and checksum files "
+                     "with the operating system. Fix: use a local or mounted directory, or orbax "
+                     "directly (docs/multihost.md).")
+  return os.path.abspath(path)
+
+
+def _writable(directory: str | os.PathLike) -> str:
+  if jax.process_count() > 1:
+    raise ValueError("checkpoint_manager: jlora's checkpoints have one writer, but this run has "
+                     f"{jax.process_count()} processes. Fix: save with orbax on every host, as "
+                     "docs/multihost.md shows.")
+  return _local(directory, "checkpoint_manager")
 
 
 def _roles_json(roles: AxisRoles) -> dict[str, Any]:
@@ -289,7 +312,7 @@ def save(target: Source, step: int, adapter: Adapter, *, opt_state: Any = None,
   if isinstance(target, ocp.CheckpointManager):  # not ours: wait, check, seal here
     return _save_and_seal(target, step, items, metrics)
   options = ocp.CheckpointManagerOptions(todelete_subdir=_files.TRASH)
-  with _files.WriterManager(os.path.abspath(os.fspath(target)), options,
+  with _files.WriterManager(_writable(target), options,
                             _handlers()) as manager:
     saved = _save_new(manager, step, items, metrics)
     manager.wait_until_finished()
@@ -402,13 +425,17 @@ def restore(source: Source, step: int | None = None, *, params: Params | None = 
     Traceback (most recent call last):
     ...
     ValueError: Checkpoint step 3 in ...'fc/kernel' was made for shape (4, 3), but ...(5, 3)...
+    >>> _ = jlora.save(directory, 4, jax.tree.map(lambda x: x * jnp.nan, adapter))
+    >>> jlora.restore(directory, validate=False).step  # with validate=True: a ValueError
+    4
   """
   if step is not None:
     step = _check_step(step, "restore")
   if isinstance(source, ocp.CheckpointManager):
     source.wait_until_finished()  # a step still being written is not read half-way
+    step = _pick_step(os.fspath(source.directory), step)
     return _restore(source, step, params, optimizer, validate)
-  directory = os.path.abspath(os.fspath(source))
+  directory = _local(source, "restore")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"restore: {os.fspath(source)!r} is not a directory. Fix: pass the "
                             "directory given to jlora.save or jlora.checkpoint_manager.")
@@ -427,10 +454,10 @@ def _read(manager: ocp.CheckpointManager, step: int, what: str, fix: str, **item
                           f"Fix: {fix}") from e
 
 
-def _restore(manager: ocp.CheckpointManager, step: int | None, params, optimizer,
+def _restore(manager: ocp.CheckpointManager, step: int, params, optimizer,
              validate: bool) -> Restored:
+  """Reads step `step`, which `_pick_step` has checked, through `manager`."""
   directory = os.fspath(manager.directory)
-  step = _pick_step(directory, step)
   saved = set(os.listdir(os.path.join(directory, str(step))))
   damaged = "restore another step, or copy this one again from a backup."
   head = _read(manager, step, "the adapter metadata", damaged,

@@ -70,6 +70,15 @@ def test_relative_paths_are_made_absolute(tmp_path, monkeypatch):
   _assert_exact(checkpoint.restore("runs/plain").adapter, worker.adapter(2))
 
 
+
+def test_urls_are_refused_with_a_fix():
+  for call in (lambda: checkpoint.checkpoint_manager("gs://bucket/run"),
+               lambda: checkpoint.save("gs://bucket/run", 1, worker.adapter(1)),
+               lambda: checkpoint.restore("gs://bucket/run")):
+    with pytest.raises(ValueError, match=r"'gs://bucket/run' is a URL; .*Fix: use a local or "):
+      call()
+  assert not os.path.exists("gs:")
+
 class _FailingFuture:
   def result(self, timeout=None):
     raise OSError(errno.ENOSPC, "No space left on device (injected by the test)")
