@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import jlora
@@ -132,6 +133,13 @@ def test_failed_background_write_raises_and_keeps_the_previous_step(tmp_path, fa
   assert checkpoint.save(tmp_path, 6, worker.adapter(6))  # the lock was released
   assert checkpoint.restore(tmp_path).step == 6
 
+
+
+def test_a_manager_made_with_orbax_is_waited_for_and_sealed(tmp_path):
+  with ocp.CheckpointManager(tmp_path) as manager:
+    assert checkpoint.save(manager, 1, worker.adapter(1))
+    assert os.path.isfile(tmp_path / "1" / "jlora_manifest.json")  # on disk before True
+  _assert_exact(checkpoint.restore(tmp_path).adapter, worker.adapter(1))
 
 # 2. Ranking by a metric.
 
