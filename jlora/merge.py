@@ -57,9 +57,9 @@ def check_fits(params: Params, adapter: Adapter, *, per_example: bool = True) ->
     The flattened params, ``{path: leaf}``.
 
   Raises:
-    TypeError: if `adapter` is not an `Adapter`, a kernel is not floating, or a factor is not
-      a floating array.
-    ValueError: naming the path, if a path is missing or a shape disagrees.
+    TypeError: if `adapter` is not an `Adapter` or a factor is not a floating array.
+    ValueError: naming the path, if a path is missing, a shape disagrees or a kernel is not
+      floating.
 
   Example:
     >>> import dataclasses, jax, jax.numpy as jnp, jlora
@@ -73,7 +73,7 @@ def check_fits(params: Params, adapter: Adapter, *, per_example: bool = True) ->
     ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: The kernel 'fc/kernel' has dtype int8; ...
+    ValueError: The kernel 'fc/kernel' has dtype int8; ...
   """
   if not isinstance(adapter, Adapter):
     raise TypeError(
@@ -121,6 +121,12 @@ def _fold(params: Params, adapter: Adapter, sign: float) -> Params:
   new = {}
   for path, factors in adapter.lora.items():
     w = flat[path]
+    if not isinstance(w, jax.Array | np.ndarray):  # e.g. a quantized kernel: no exact sum
+      raise ValueError(
+          f"The kernel {path!r} is a {type(w).__name__}; merging into it would quantize the "
+          "update away. Fix: merge into dense weights (dequantize the tree first, e.g. with "
+          "jlora.quant.dequantize), or keep the adapter apart and run it with jlora.wrap."
+      )
     new[path] = (w.astype(jnp.float32) + sign * delta(factors)).astype(w.dtype)
   return _tree.replace(params, new)
 
@@ -146,11 +152,11 @@ def merge(params: Params, adapter: Adapter) -> Params:
     A tree with the structure, shapes and dtypes of `params`.
 
   Raises:
-    TypeError: if `adapter` is not an `Adapter`, a targeted kernel is not floating (an int8
-      kernel would round the update away), or a factor is not a floating array.
+    TypeError: if `adapter` is not an `Adapter` or a factor is not a floating array.
     ValueError: naming the path, if an adapter path is missing from `params`, a shape differs,
-      the factors disagree with each other or the kernel, or they are per-example factors
-      from `jlora.route`.
+      a targeted kernel is not floating (an int8 kernel would round the update away), the
+      factors disagree with each other or the kernel, or they are per-example factors from
+      `jlora.route`.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora

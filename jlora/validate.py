@@ -123,7 +123,8 @@ def check_kernel(path: str, leaf: Any) -> None:
     leaf: the kernel.
 
   Raises:
-    TypeError: if `leaf` has no shape and dtype, or its dtype is not floating.
+    TypeError: if `leaf` has no shape and dtype.
+    ValueError: if its dtype is not floating.
 
   Example:
     >>> import jax.numpy as jnp
@@ -132,7 +133,7 @@ def check_kernel(path: str, leaf: Any) -> None:
     >>> check_kernel("fc/kernel", jnp.ones((4, 3), jnp.int8))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: The kernel 'fc/kernel' has dtype int8; ...
+    ValueError: The kernel 'fc/kernel' has dtype int8; ...
   """
   if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
     raise TypeError(
@@ -140,7 +141,7 @@ def check_kernel(path: str, leaf: Any) -> None:
         "arrays (jnp.asarray) or jax.ShapeDtypeStruct."
     )
   if not _is_floating(leaf.dtype):
-    raise TypeError(
+    raise ValueError(  # the same exception type as jlora.init's check of a target's dtype
         f"The kernel {path!r} has dtype {leaf.dtype}; a low-rank update merged into it would be "
         "rounded to integers and mostly lost. Fix: leave it out of LoraConfig.targets, or "
         "dequantize it to a floating dtype (e.g. bfloat16) first."

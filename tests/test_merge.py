@@ -264,7 +264,8 @@ def test_merge_of_a_fresh_adapter_on_nnx_state_is_bitwise_identity():
   state = _random_like(nnx.state(model), seed=0)
   config = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*(kernel|embedding)",
                             trainable=r"head/bias")
-  adapter = jlora.init(KEY, state, config, model)
+  ids = (jnp.arange(12).reshape(2, 6) * 7) % 20  # roles are read from the program it runs
+  adapter = jlora.init(KEY, state, config, model, ids)
   merged = jlora.merge(state, adapter)
   assert isinstance(merged, nnx.State)
   _assert_trees_bitwise_equal(merged, state)
@@ -543,7 +544,7 @@ def test_stacked_axes_of_factors_must_match_the_kernel():
 def test_integer_kernel_is_refused_not_truncated(fold):
   params, adapter = _simple()
   quantized = {"fc": {"kernel": jnp.ones((4, 3), jnp.int8), "bias": jnp.zeros(3)}}
-  with pytest.raises(TypeError, match=r"kernel 'fc/kernel' has dtype int8; .* rounded to "
+  with pytest.raises(ValueError, match=r"kernel 'fc/kernel' has dtype int8; .* rounded to "
                      r"integers.*Fix: leave it out of LoraConfig\.targets, or dequantize"):
     fold(quantized, adapter)
   assert fold(params, adapter)["fc"]["kernel"].dtype == jnp.float32
@@ -558,6 +559,9 @@ def test_check_fits_accepts_array_like_kernels_and_abstract_params():
       "fc/kernel", "fc/bias"}
   abstract = jax.eval_shape(lambda: params)
   assert set(check_fits(abstract, jax.eval_shape(lambda: adapter))) == {"fc/kernel", "fc/bias"}
+  with pytest.raises(ValueError, match=r"kernel 'fc/kernel' is a Quantized; merging into it "
+                     r"would quantize the update away\. Fix: merge into dense weights"):
+    jlora.merge({"fc": {"kernel": Quantized(), "bias": jnp.zeros(3)}}, adapter)
   with pytest.raises(ValueError, match=r"'fc/kernel' was made for shape \(4, 3\), but the "
                      r"params hold float\. Fix:"):
     check_fits({"fc": {"kernel": 1.0, "bias": jnp.zeros(3)}}, adapter)

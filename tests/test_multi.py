@@ -205,7 +205,7 @@ NNX_FACTORED = r"(conv|query|value|out|head)/kernel"  # nnx Conv, LinearGeneral,
 def _nnx_adapters(tiny_nnx, targets):
   graphdef, state, ids = tiny_nnx
   model = nnx.merge(graphdef, state)
-  return _adapters(state, model, specs=SPECS[:2], targets=targets)
+  return _adapters(state, model, ids, specs=SPECS[:2], targets=targets)
 
 
 def test_route_nnx_conv_linear_general_einsum_linear(tiny_nnx):
