@@ -238,16 +238,16 @@ def _check_metrics(manager: ocp.CheckpointManager, step: int, metrics: Any) -> A
   best = getattr(manager, "ranked_by", None)  # jlora's managers know it; orbax's do not say
   if best is None:
     return metrics
-  name = repr(best)
   if not isinstance(metrics, Mapping) or best not in metrics:
-    got = "metrics=None" if metrics is None else f"metrics with keys {sorted(metrics)}" \
-        if isinstance(metrics, Mapping) else f"metrics={metrics!r}"
-    raise ValueError(f"save: the manager of {manager.directory} ranks checkpoints by {name}, "
+    got = (f"metrics with keys {sorted(metrics)}" if isinstance(metrics, Mapping)
+           else f"metrics={metrics!r}")
+    raise ValueError(f"save: the manager of {manager.directory} ranks checkpoints by {best!r}, "
                      f"but step {step} got {got}; nothing was saved. Fix: pass "
-                     f"metrics={{{name}: value}}, or use a manager without `best`.")
+                     f"metrics={{{best!r}: value}}, or use a manager without `best`.")
   value = metrics[best]
-  if isinstance(value, bool | np.bool_) or np.ndim(value) != 0 \
-      or not np.issubdtype(np.asarray(value).dtype, np.number):
+  kind = np.asarray(value).dtype
+  if isinstance(value, bool | np.bool_) or np.ndim(value) != 0 or not (
+      np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)):
     raise ValueError(f"save: metrics[{best!r}] of step {step} must be a real number, got "
                      f"{value!r}; nothing was saved. Fix: pass a float, e.g. float(loss).")
   value = float(value)

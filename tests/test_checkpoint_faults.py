@@ -172,6 +172,7 @@ def test_nonfinite_metric_ranks_worst_and_warns(tmp_path):
     ({"loss": "low"}, r"metrics\['loss'\] of step 0 must be a real number, got 'low'"),
     ({"loss": True}, r"metrics\['loss'\] of step 0 must be a real number, got True"),
     ({"loss": np.ones(2)}, r"metrics\['loss'\] of step 0 must be a real number"),
+    ({"loss": 1j}, r"metrics\['loss'\] of step 0 must be a real number, got 1j"),
 ])
 def test_metrics_are_checked_before_anything_is_written(tmp_path, metrics, match):
   with checkpoint.checkpoint_manager(tmp_path, max_to_keep=1, best="loss") as manager:
