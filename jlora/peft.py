@@ -319,13 +319,29 @@ def _link_or_copy(src: str, dst: str) -> None:
     shutil.copy2(src, dst)
 
 
+def _carry_over(folder: str, new: str, skip: set[str]) -> None:
+  """Links (or copies) every entry of `folder` but `skip` into `new`; symlinks stay links."""
+  for entry in os.listdir(folder):
+    if entry in skip:
+      continue
+    src, dst = os.path.join(folder, entry), os.path.join(new, entry)
+    if os.path.islink(src):
+      os.symlink(os.readlink(src), dst)
+    elif os.path.isdir(src):
+      shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+      _link_or_copy(src, dst)
+
+
 def _write_folder(path: str | os.PathLike, files: dict[str, bytes]) -> None:
   """Writes `files` as the folder `path`, all or nothing.
 
   The files go into a new hidden sibling folder, which is renamed onto `path`; an existing
   folder is first renamed aside and removed only once the new one is in place, so any
-  failure (a full disk, a kill) leaves the previous export whole. Other entries of an
-  existing folder (a README, tokenizer files) are carried over as hard links (or copies).
+  failure (a full disk, an error) leaves the previous export whole at `path`. A kill in the
+  instant between the two renames leaves it whole under the hidden ``.<name>.jlora-old-*``
+  name, which `import_peft`'s error then points to. Other entries of an existing folder (a
+  README, tokenizer files) are carried over as hard links (or copies).
   """
   target = os.path.realpath(path)
   parent, name = os.path.split(target)
@@ -348,19 +364,16 @@ def _write_folder(path: str | os.PathLike, files: dict[str, bytes]) -> None:
                       f"({e.strerror or e}); the folder was left as it was. Fix: free space "
                       "or choose a writable folder, then export again.") from e
     if os.path.isdir(target):
-      for entry in os.listdir(target):
-        if entry in files:
-          continue
-        src, dst = os.path.join(target, entry), os.path.join(new, entry)
-        if os.path.isdir(src) and not os.path.islink(src):
-          shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-        elif os.path.islink(src):
-          os.symlink(os.readlink(src), dst)
-        else:
-          _link_or_copy(src, dst)
+      _carry_over(target, new, skip=set(files))
       suffix = os.path.basename(new)[len(f".{name}.{_NEW_TAG}"):]
       old = os.path.join(parent, f".{name}.{_OLD_TAG}{suffix}")
-      os.rename(target, old)
+      try:
+        os.rename(target, old)
+      except OSError as e:
+        old = None
+        raise OSError(e.errno, f"export_peft: cannot replace the folder {target!r} "
+                      f"({e.strerror or e}); it was left as it was. Fix: export into a new "
+                      "folder, e.g. a subfolder of it.") from e
     try:
       os.rename(new, target)
     except BaseException:
