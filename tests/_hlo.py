@@ -1,6 +1,6 @@
 """Finding weight-gradient dots in a compiled training step (HLO text) or in its jaxpr.
 
-A weight gradient is a dot that sums over every token into one kernel's worth of numbers:
+A weight gradient is a dot that sums over the tokens into one kernel's worth of numbers:
 ``contracted · batch == tokens`` with ``batch · kernel_size`` results (per-batch-element
 gradients, summed afterwards), or, for per-expert kernels whose expert axis is a batch axis of
 the dot, ``contracted == tokens`` with ``kernel_size`` results. The factored path must have
@@ -33,7 +33,9 @@ def is_weight_gradient(lhs, rhs, result, l_con, r_con, l_batch, kernel_size: int
   assert contracted == math.prod(rhs[d] for d in r_con)
   batch = math.prod(lhs[d] for d in l_batch)
   size = math.prod(result)
-  per_example = contracted * batch == tokens and size == batch * kernel_size
+  # Something must be summed: a dot batched over every token that contracts nothing is an
+  # outer product per token (an activation gradient such as d(einsum('ted,te->td'))/dy).
+  per_example = contracted > 1 and contracted * batch == tokens and size == batch * kernel_size
   per_expert = contracted == tokens and size == kernel_size
   return per_example or per_expert
 
