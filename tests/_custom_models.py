@@ -506,6 +506,86 @@ def bf16_compute() -> Case:
 
 
 # ----------------------------------------------------------------------------------------------
+# Convolutions written with jax.lax: Flax's layout (HWIO) and torch's (OIHW).
+
+
+def _conv_hwio(params, x):
+  y = jax.lax.conv_general_dilated(x, params["w"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.nn.relu(y)
+
+
+def _conv_oihw(params, x):
+  y = jax.lax.conv_general_dilated(x, params["w"], (2, 1), ((1, 1), (0, 0)),
+                                   dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  return jax.nn.relu(y)
+
+
+CONVS = {
+    # name: (fn, kernel shape, input shape, roles)
+    "hwio": (_conv_hwio, (3, 3, 8, 16), (B, 9, 10, 8),
+             AxisRoles("conv", (0, 1, 2), (3,))),
+    "oihw_torch_layout": (_conv_oihw, (16, 8, 3, 3), (B, 8, 9, 10),
+                          AxisRoles("conv", (1, 2, 3), (0,))),
+}
+
+
+def lax_conv(name: str) -> Case:
+  fn, shape, x_shape, roles = CONVS[name]
+  return Case(fn, {"w": normal(shape, 49, 0.3)}, (normal(x_shape, 50),), "w", {"w": roles}, fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# A custom_vjp matmul (quantized or fused kernels are written so): no factored rule applies.
+
+
+@jax.custom_vjp
+def custom_matmul(x, w):
+  return x @ w
+
+
+def _custom_matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _custom_matmul_bwd(res, g):
+  x, w = res
+  return g @ w.T, x.T @ g
+
+
+custom_matmul.defvjp(_custom_matmul_fwd, _custom_matmul_bwd)
+
+
+def custom_vjp_mlp(params, x):
+  return jnp.tanh(custom_matmul(x, params["w1"])) @ params["w2"]
+
+
+# ----------------------------------------------------------------------------------------------
+# An nn.vmap ensemble: members' kernels stacked, the input broadcast to every member.
+
+
+class Member(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(x @ self.param("w", nn.initializers.normal(), (D, F)))
+
+
+class Ensemble(nn.Module):
+  members: int = E
+
+  @nn.compact
+  def __call__(self, x):
+    vmapped = nn.vmap(Member, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=None, out_axes=0, axis_size=self.members)
+    return jnp.mean(vmapped(name="members")(x), axis=0)
+
+
+def ensemble() -> Case:
+  # Roles are not asserted: the member axis of the kernel is a free output axis of the dot.
+  return _linen_case(Ensemble(), (normal((TOKENS, D), 51),), r"params/members/w", {})
+
+
+# ----------------------------------------------------------------------------------------------
 # 7. A kernel also used elementwise (a masked weight) beside its contraction.
 
 

@@ -287,6 +287,33 @@ def test_layout_ops_on_a_kernel_before_its_contraction(name):
   _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(adapter), *case.args)
 
 
+@pytest.mark.parametrize("name", list(cm.CONVS))
+def test_lax_conv_in_flax_and_torch_layouts(name):
+  case = cm.lax_conv(name)
+  adapter = _init(case)
+  _assert_roles(adapter, case)
+  _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(adapter), *case.args)
+
+
+def test_nn_vmap_ensemble():
+  case = cm.ensemble()
+  _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(_init(case)), *case.args)
+
+
+def test_custom_vjp_use_is_merged_with_a_warning():
+  """No factored rule sees inside a custom_vjp function: its kernel is merged for that use."""
+  params, x = cm.mlp_params(52), cm.normal((cm.TOKENS, cm.D), 53)
+  adapter = _trained(jlora.init(jax.random.key(0), params, _config(r"w\d")))  # 2-D: (in, out)
+  case = cm.Case(cm.custom_vjp_mlp, params, (x,), r"w\d", {}, cm.custom_vjp_mlp)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.jit(jlora.wrap(case.fn))(params, adapter, x)
+  merged_uses = [str(w.message) for w in caught if issubclass(w.category, jlora.MergedUseWarning)]
+  assert len(merged_uses) == 1 and "w1" in merged_uses[0], merged_uses
+  with pytest.warns(jlora.MergedUseWarning, match="w1"):
+    _compare(jlora.wrap(case.fn), _merged(case), params, adapter, x)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. A kernel also used elementwise: merged for that use, one warning.
 

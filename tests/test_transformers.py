@@ -13,11 +13,20 @@ its LM head reads the token embedding outside its module (``wte.embedding.T``). 
 from __future__ import annotations
 
 import _custom_models as cm
+import _hlo
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_program import _assert_close, _compare, _config, _max_abs, _trained
+from test_program import (
+  _assert_close,
+  _compare,
+  _config,
+  _kernel_sizes,
+  _max_abs,
+  _step,
+  _trained,
+)
 
 import jlora
 
@@ -100,6 +109,24 @@ def test_gpt2_tied_embedding_updated_in_lookup_and_lm_head(gpt2):
   adapter = jlora.init(jax.random.key(0), params, config, fn, _ids())
   assert adapter.lora["transformer/wte/embedding"].roles == cm.EMBED
   _compare(jlora.wrap(fn), _merged(fn), params, _trained(adapter), _ids())
+
+
+def test_gpt2_training_step_has_no_weight_gradient(gpt2):
+  _, params, fn = gpt2
+  adapter = _trained(jlora.init(jax.random.key(0), params, _config(GPT2_TARGETS), fn, _ids()))
+  tokens = _ids().size  # 14: no kernel axis has that size
+  found = {}
+  for recipe, apply in (("wrap", jlora.wrap(fn)), ("merged", _merged(fn))):
+    step = _step(apply, params, (_ids(),))
+    hlo = jax.jit(step).lower(adapter).compile().as_text()
+    jaxpr = jax.make_jaxpr(step)(adapter).jaxpr
+    found[recipe] = (
+        [d for s in _kernel_sizes(adapter) for d in _hlo.hlo_weight_gradient_dots(hlo, s, tokens)],
+        [d for s in _kernel_sizes(adapter)
+         for d in _hlo.jaxpr_weight_gradient_dots(jaxpr, s, tokens)],
+    )
+  assert found["wrap"] == ([], []), found["wrap"]
+  assert min(map(len, found["merged"])) >= len(adapter.lora), found["merged"]
 
 
 def test_llama_wrap_equals_merged(llama):
