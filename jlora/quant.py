@@ -56,6 +56,7 @@ devices, and is replicated along it otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -262,10 +263,13 @@ def _group_extremes(scales):
   if groups == 1 or nb == groups * DQ_GROUP:
     grouped = scales.reshape(*scales.shape[:-1], groups, -1)
     return grouped.min(axis=-1), grouped.max(axis=-1)
-  pad = [(0, 0)] * (scales.ndim - 1) + [(0, groups * DQ_GROUP - nb)]
-  grouped = lambda fill: jnp.pad(scales, pad, constant_values=fill).reshape(
-      *scales.shape[:-1], groups, DQ_GROUP)
-  return grouped(jnp.inf).min(axis=-1), grouped(-jnp.inf).max(axis=-1)
+  # A short last group: mask instead of padding. (Padding with +inf for the min and -inf for
+  # the max in one program gave wrong maxima on a sharded input with XLA:CPU, jax 0.10.2.)
+  member = np.arange(nb) // DQ_GROUP == np.arange(groups)[:, None]  # (groups, nb), static
+  member = member.reshape((1,) * (scales.ndim - 1) + member.shape)
+  spread = scales[..., None, :]
+  return (jnp.where(member, spread, jnp.inf).min(axis=-1),
+          jnp.where(member, spread, -jnp.inf).max(axis=-1))
 
 
 def _compress_scales(scales):
@@ -369,17 +373,27 @@ def quantize_array(x: jax.Array, scheme: str = "nf4", *, block_size: int | None 
   problem = _leaf_problem("the array", x, scheme, block_size)
   if problem:
     raise ValueError(f"jlora.quantize_array: {problem}")
-  block = x.shape[-1] if block_size is None else block_size
-  encode = lambda a: _encode(a, scheme, block, bool(double_quant))
-  out_shardings = _shardings(x, jax.eval_shape(encode, x))
-  if out_shardings is not None and _explicit_spec(x) is not None:
+  options = (scheme, x.shape[-1] if block_size is None else block_size, bool(double_quant))
+  layout = jax.eval_shape(lambda a: _encode(a, *options), jax.ShapeDtypeStruct(x.shape, x.dtype))
+  out_shardings = _shardings(x, layout)
+  explicit = out_shardings is not None and _explicit_spec(x) is not None
+  with jax.named_scope("jlora/quantize"):
+    if not explicit:
+      return _encoder(*options, out_shardings, explicit)(x)
+    with jax.set_mesh(x.sharding.mesh):  # auto_axes inside needs the mesh in context
+      return _encoder(*options, out_shardings, explicit)(x)
+
+
+@functools.lru_cache(maxsize=256)
+def _encoder(scheme: str, block: int, double_quant: bool, out_shardings, explicit: bool):
+  """`_encode` jitted once per options and placement (jit then caches per input shape)."""
+  encode = functools.partial(_encode, scheme=scheme, block=block, double_quant=double_quant)
+  if explicit:
     # Explicit axes type-check every reshape of the sharded last axis; the blocks are laid out
     # by XLA inside (auto axes) and the leaves come out as `_shardings` says.
     specs = jax.tree.map(lambda s: s.spec, out_shardings)
-    inner = encode
-    encode = lambda a: jax.sharding.auto_axes(inner, out_sharding=specs)(a)
-  with jax.named_scope("jlora/quantize"):
-    return jax.jit(encode, out_shardings=out_shardings)(x)
+    encode = jax.sharding.auto_axes(encode, out_sharding=specs)
+  return jax.jit(encode, out_shardings=out_shardings)
 
 
 def quantize(tree, targets: str | Sequence[str] | Callable[[str, Any], bool],
@@ -455,14 +469,18 @@ def dequantize(x, dtype: Any = None):
   if not is_quantized(x):
     return jax.tree.map(lambda leaf: dequantize(leaf, dtype) if is_quantized(leaf) else leaf,
                         x, is_leaf=is_quantized)
-  dtype = x.dtype if dtype is None else dtype
-  spec = _explicit_spec(x.codes)
   with jax.named_scope("jlora/dequantize"):
-    if spec is None:
-      return _decode(x, dtype)
+    return _decoder(np.dtype(x.dtype if dtype is None else dtype), _explicit_spec(x.codes))(x)
+
+
+@functools.lru_cache(maxsize=256)
+def _decoder(dtype: np.dtype, explicit_spec: PartitionSpec | None):
+  """`_decode` jitted once per dtype (and, on `Explicit` axes, per spec of the codes)."""
+  decode = functools.partial(_decode, dtype=dtype)
+  if explicit_spec is not None:
     # Explicit axes: compute with auto axes and hand back the codes' spec (see quantize_array).
-    decode = jax.sharding.auto_axes(lambda q: _decode(q, dtype), out_sharding=spec)
-    return jax.jit(decode)(x)
+    decode = jax.sharding.auto_axes(decode, out_sharding=explicit_spec)
+  return jax.jit(decode)
 
 
 def _decode(x: QuantizedArray, dtype):

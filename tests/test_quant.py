@@ -326,11 +326,14 @@ def _explicit_mesh():
     ("int4", 128, P(None, "data"), [P(None, "data"), P(None, "data"), P(None, None),
                                      P(None, None)]),
     ("nf4", 64, P("data"), [P("data", None)] * 4),
+    ("nf4", 2, P("data", "model"), [P("data", "model"), P("data", "model"), P("data", None),
+                                     P("data", None)]),  # 768 blocks: 3 groups on 2 devices
+    ("int4", 4, P("data", "model"), [P("data", "model")] * 4),  # 384 blocks: 2 groups a row
 ])
 def test_quantizing_a_sharded_kernel_keeps_the_leading_axes_sharding(
     make_mesh, scheme, block, spec, expected):
   mesh = make_mesh()
-  w = _kernel((16, 512), seed=5)
+  w = _kernel((16, 1536), seed=5)
   x = jax.device_put(jnp.asarray(w), NamedSharding(mesh, spec))
   q = jq.quantize_array(x, scheme, block_size=block, double_quant=True)
   got = [leaf.sharding for leaf in jax.tree.leaves(q)]
