@@ -42,7 +42,9 @@ chosen with the exact scales, as in QLoRA. This differs from bitsandbytes'
 ``compress_statistics=True``, which subtracts one mean over the whole tensor and codes the
 centred scales with its 8-bit dynamic (sign/exponent/fraction) map in groups of 256 over the
 flattened tensor: a tensor-wide mean would tie every row's scales together and break the slicing
-invariant above. Cost per element: 4 + 8/64 + 64/(64·256) bits vs 4 + 32/64 bits without.
+invariant above. Cost per element: 4 + 8/64 + 64/(64·256) bits vs 4 + 32/64 bits without. As
+groups stay within a row, it saves bytes only for rows of three or more blocks: a kernel whose
+last axis is one block (e.g. q/k/v of shape (d, heads, 64)) pays 9 bytes per row for 4.
 
 **Shapes that do not fit** are rejected, never padded: a block size must divide ``n`` (or be
 ``None``: one block per row), and 4-bit codes need an even ``n``.
@@ -50,11 +52,14 @@ invariant above. Cost per element: 4 + 8/64 + 64/(64·256) bits vs 4 + 32/64 bit
 **Sharding.** Quantizing a kernel placed with a `jax.sharding.NamedSharding` places every leaf on
 the same mesh with the kernel's spec on the leading axes; on the last (blocked, packed) axis a
 leaf keeps the kernel's last-axis spec when its own last-axis length divides evenly among those
-devices, and is replicated along it otherwise.
+devices, and is replicated along it otherwise. On a mesh with `jax.sharding.AxisType.Explicit`
+axes the blocks are computed under `jax.sharding.auto_axes` (a sharded last axis need not split
+evenly into blocks), and `dequantize` returns the dense kernel with the spec of the codes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -321,6 +326,14 @@ def _explicit_spec(a) -> PartitionSpec | None:
   return PartitionSpec(*sharding.spec, *(None,) * (a.ndim - len(sharding.spec)))
 
 
+def _mesh_context(a):
+  """`jax.set_mesh` of a concrete array's mesh (`auto_axes` needs one in context), else a no-op.
+  Under an outer jit the traced arrays already carry their (abstract) mesh."""
+  if a is None or isinstance(a, jax.core.Tracer):
+    return contextlib.nullcontext()
+  return jax.set_mesh(a.sharding.mesh)
+
+
 def _shardings(x, abstract: QuantizedArray):
   """Per-leaf NamedShardings following `x`'s on the leading axes (module docstring), or None."""
   sharding = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
@@ -377,11 +390,8 @@ def quantize_array(x: jax.Array, scheme: str = "nf4", *, block_size: int | None 
   layout = jax.eval_shape(lambda a: _encode(a, *options), jax.ShapeDtypeStruct(x.shape, x.dtype))
   out_shardings = _shardings(x, layout)
   explicit = out_shardings is not None and _explicit_spec(x) is not None
-  with jax.named_scope("jlora/quantize"):
-    if not explicit:
-      return _encoder(*options, out_shardings, explicit)(x)
-    with jax.set_mesh(x.sharding.mesh):  # auto_axes inside needs the mesh in context
-      return _encoder(*options, out_shardings, explicit)(x)
+  with jax.named_scope("jlora/quantize"), _mesh_context(x if explicit else None):
+    return _encoder(*options, out_shardings, explicit)(x)
 
 
 @functools.lru_cache(maxsize=256)
@@ -469,8 +479,9 @@ def dequantize(x, dtype: Any = None):
   if not is_quantized(x):
     return jax.tree.map(lambda leaf: dequantize(leaf, dtype) if is_quantized(leaf) else leaf,
                         x, is_leaf=is_quantized)
-  with jax.named_scope("jlora/dequantize"):
-    return _decoder(np.dtype(x.dtype if dtype is None else dtype), _explicit_spec(x.codes))(x)
+  spec = _explicit_spec(x.codes)
+  with jax.named_scope("jlora/dequantize"), _mesh_context(None if spec is None else x.codes):
+    return _decoder(np.dtype(x.dtype if dtype is None else dtype), spec)(x)
 
 
 @functools.lru_cache(maxsize=256)

@@ -342,6 +342,11 @@ def test_quantizing_a_sharded_kernel_keeps_the_leading_axes_sharding(
   d = jq.dequantize(q)
   np.testing.assert_allclose(d, jq.dequantize(jq.quantize_array(
       jnp.asarray(w), scheme, block_size=block, double_quant=True)), rtol=1e-6, atol=0)
+  if make_mesh is _explicit_mesh:  # typed shardings: the dense kernel comes back like the codes
+    with jax.set_mesh(mesh):
+      dj = jax.jit(lambda q: jq.dequantize(q) * 1)(q)
+    assert d.sharding.spec == dj.sharding.spec == expected[0]
+    np.testing.assert_array_equal(dj, d)
 
 
 def test_a_sharded_stack_keeps_its_layer_axis_sharding():
