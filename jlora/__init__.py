@@ -19,6 +19,7 @@ from jlora.analysis import effective_rank as effective_rank
 from jlora.analysis import numerical_rank as numerical_rank
 from jlora.analysis import subspace_similarity as subspace_similarity
 from jlora.analysis import subspace_similarity_grid as subspace_similarity_grid
+from jlora.checkpoint import CheckpointError as CheckpointError
 from jlora.checkpoint import Restored as Restored
 from jlora.checkpoint import checkpoint_manager as checkpoint_manager
 from jlora.checkpoint import restore as restore
@@ -56,6 +57,7 @@ __all__ = [
     "Adapter",
     "AdapterStack",
     "AxisRoles",
+    "CheckpointError",
     "LoraConfig",
     "LoraFactors",
     "MergedUseWarning",

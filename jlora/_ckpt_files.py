@@ -40,7 +40,18 @@ _CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
-  """A checkpoint step on disk is incomplete or corrupt, or its directory is in use."""
+  """A checkpoint step on disk is incomplete or corrupt, or its directory is in use.
+
+  Example:
+    >>> import tempfile, jlora
+    >>> directory = tempfile.mkdtemp()
+    >>> with jlora.checkpoint_manager(directory) as manager:
+    ...   try:
+    ...     jlora.checkpoint_manager(directory)  # a second writer of the same directory
+    ...   except jlora.CheckpointError as e:
+    ...     print(type(e).__name__, isinstance(e, ValueError))
+    CheckpointError True
+  """
 
 
 def lock(directory: str):

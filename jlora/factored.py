@@ -46,7 +46,21 @@ _NOTHING_SAVED = jax.checkpoint_policies.nothing_saveable
 
 class MergedUseWarning(UserWarning):
   """An adapted kernel reached an op with no factored rule; that use computes with W + ΔW,
-  so its update trains through a full weight gradient there."""
+  so its update trains through a full weight gradient there.
+
+  Example:
+    >>> import warnings, jax, jax.numpy as jnp, jlora
+    >>> def fn(params, x):
+    ...   return x @ (params["w"] * params["mask"])  # W·mask: elementwise, then the matmul
+    >>> params = {"w": jnp.ones((4, 3)), "mask": jnp.ones((4, 3))}
+    >>> config = jlora.LoraConfig(rank=1, alpha=1.0, targets="w")
+    >>> adapter = jlora.init(jax.random.key(0), params, config, fn, jnp.ones((2, 4)))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = jlora.wrap(fn)(params, adapter, jnp.ones((2, 4)))
+    >>> caught[0].category.__name__, "w is used by mul" in str(caught[0].message)
+    ('MergedUseWarning', True)
+  """
 
 
 # ----------------------------------------------------------------------------------------------

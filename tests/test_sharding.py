@@ -107,7 +107,7 @@ def test_extras_follow_their_param_and_replicate_option():
 
 
 def test_nnx_state(tiny_nnx):
-  graphdef, state, _ = tiny_nnx
+  graphdef, state, ids = tiny_nnx
   mesh = _mesh((2,), ("model",))
 
   def place(path, _):
@@ -117,12 +117,12 @@ def test_nnx_state(tiny_nnx):
   placed = jax.device_put(state, jax.tree_util.tree_map_with_path(place, state))
   config = jlora.LoraConfig(rank=2, alpha=4.0, targets="(query|out)/kernel", trainable="head/bias")
   model = nnx.merge(graphdef, state)
-  adapter = jlora.init_sharded(jax.random.key(0), placed, config, model)
+  adapter = jlora.init_sharded(jax.random.key(0), placed, config, model, ids)
   assert adapter.lora["query/kernel"].b.sharding.spec == P(None, "model")  # (8, 2·4): heads
   assert adapter.lora["query/kernel"].a.sharding.is_fully_replicated
   assert adapter.extras["head/bias"].sharding.is_fully_replicated
   jax.tree.map(np.testing.assert_array_equal, adapter,
-               jlora.init(jax.random.key(0), state, config, model))
+               jlora.init(jax.random.key(0), state, config, model, ids))
 
 
 def test_opt_state_shardings_through_optax_wrappers():
