@@ -506,6 +506,41 @@ def bf16_compute() -> Case:
 
 
 # ----------------------------------------------------------------------------------------------
+# More ways lab code reads one kernel: as the left operand, transposed for a tied decoder, or
+# shared by several layers.
+
+
+def _column_convention(params, x):
+  """y = W·xᵀ with W (out, in): the kernel is the left operand of the dot."""
+  return jnp.tanh(params["W"] @ x.T).T @ params["W"]
+
+
+def _tied_autoencoder(params, x):
+  return jnp.tanh(x @ params["w"]) @ params["w"].T
+
+
+def _shared_layers(params, x):
+  """ALBERT-style: one kernel applied by three layers (a Python loop, three contractions)."""
+  for _ in range(3):
+    x = jnp.tanh(x @ params["w"])
+  return x
+
+
+USES = {
+    "kernel_as_left_operand": (_column_convention, {"W": normal((F, D), 54, 0.3)},
+                               {"W": dense((1,), (0,))}),
+    "tied_autoencoder": (_tied_autoencoder, {"w": normal((D, F), 55, 0.3)},
+                         {"w": dense((0,), (1,))}),
+    "shared_layers": (_shared_layers, {"w": normal((D, D), 56, 0.2)}, {"w": dense((0,), (1,))}),
+}
+
+
+def uses(name: str) -> Case:
+  fn, params, roles = USES[name]
+  return Case(fn, params, (normal((TOKENS, D), 57),), "|".join(roles), roles, fn)
+
+
+# ----------------------------------------------------------------------------------------------
 # Convolutions written with jax.lax: Flax's layout (HWIO) and torch's (OIHW).
 
 

@@ -287,6 +287,14 @@ def test_layout_ops_on_a_kernel_before_its_contraction(name):
   _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(adapter), *case.args)
 
 
+@pytest.mark.parametrize("name", list(cm.USES))
+def test_kernel_read_as_left_operand_transposed_or_shared(name):
+  case = cm.uses(name)
+  adapter = _init(case)
+  _assert_roles(adapter, case)
+  _compare(jlora.wrap(case.fn), _merged(case), case.tree, _trained(adapter), *case.args)
+
+
 @pytest.mark.parametrize("name", list(cm.CONVS))
 def test_lax_conv_in_flax_and_torch_layouts(name):
   case = cm.lax_conv(name)
