@@ -2,7 +2,6 @@
 
 import statistics
 
-import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -437,7 +436,3 @@ def test_dequantize_to_an_integer_dtype_is_an_error_naming_the_path():
     jq.dequantize(q["fc"]["kernel"], "int32")
   assert jq.dequantize(q, jnp.bfloat16)["fc"]["kernel"].dtype == jnp.bfloat16
 
-
-def test_conftest_is_strict():
-  """Rank promotion raises in these tests (conftest), so no block broadcast here is implicit."""
-  assert jax.config.jax_numpy_rank_promotion == "raise" and conftest.TinyLM
