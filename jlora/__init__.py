@@ -42,6 +42,9 @@ from jlora.optim import labels as labels
 from jlora.optim import lora_plus as lora_plus
 from jlora.peft import export_peft as export_peft
 from jlora.peft import import_peft as import_peft
+from jlora.quant import QuantizedArray as QuantizedArray
+from jlora.quant import dequantize as dequantize
+from jlora.quant import quantize as quantize
 from jlora.rank_search import RankSearchResult as RankSearchResult
 from jlora.rank_search import search_rank as search_rank
 from jlora.roles import AxisRoles as AxisRoles
@@ -61,6 +64,7 @@ __all__ = [
     "LoraConfig",
     "LoraFactors",
     "MergedUseWarning",
+    "QuantizedArray",
     "RankSearchResult",
     "Restored",
     "Truncation",
@@ -69,6 +73,7 @@ __all__ = [
     "checkpoint_manager",
     "combine",
     "delta",
+    "dequantize",
     "effective_rank",
     "export_peft",
     "import_peft",
@@ -80,6 +85,7 @@ __all__ = [
     "num_params",
     "numerical_rank",
     "opt_state_shardings",
+    "quantize",
     "restore",
     "route",
     "save",

@@ -36,7 +36,7 @@ from flax import nnx
 
 from jlora import program
 from jlora.adapter import Adapter, LoraFactors
-from jlora.merge import check_fits, delta, merge
+from jlora.merge import check_fits, delta, with_extras
 from jlora.program import Tag
 from jlora.roles import AxisRoles, Use, use_of
 
@@ -445,7 +445,7 @@ def wrap(fn: Callable[..., Any] | nnx.GraphDef | nnx.Module, *, method: str = "_
     check_fits(tree, adapter)
     kwargs = dict(kwargs)
     key = _dropout_key(dropout_key, kwargs)
-    tree = merge(tree, Adapter(lora={}, extras=adapter.extras))
+    tree = with_extras(tree, adapter)
     traced = program.trace(call, tree, args, kwargs)
     rules = _Factored(dict(adapter.lora))
     out = program.run(traced, _tags(traced, adapter, key), rules)

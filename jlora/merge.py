@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _tree, validate
+from jlora import _tree, quant, validate
 from jlora.adapter import Adapter, LoraFactors, Params
 
 
@@ -121,22 +121,33 @@ def _fold(params: Params, adapter: Adapter, sign: float) -> Params:
   new = {}
   for path, factors in adapter.lora.items():
     w = flat[path]
-    if not isinstance(w, jax.Array | np.ndarray):  # e.g. a quantized kernel: no exact sum
+    if quant.is_quantized(w):  # only unmerge gets here: merge dequantizes first
       raise ValueError(
-          f"The kernel {path!r} is a {type(w).__name__}; merging into it would quantize the "
-          "update away. Fix: merge into dense weights (dequantize the tree first, e.g. with "
-          "jlora.quant.dequantize), or keep the adapter apart and run it with jlora.wrap."
+          f"The kernel {path!r} is quantized; subtracting an update from it would need "
+          "re-quantizing. Fix: keep the quantized base as it is (it never changes) and merge "
+          "from it again, or unmerge the dense tree that jlora.merge returned."
       )
     new[path] = (w.astype(jnp.float32) + sign * delta(factors)).astype(w.dtype)
   return _tree.replace(params, new)
 
 
-def merge(params: Params, adapter: Adapter) -> Params:
+def with_extras(params: Params, adapter: Adapter) -> Params:
+  """`params` with each of the adapter's trained extra leaves set, in the leaf's dtype."""
+  flat = _tree.flatten(params)
+  return _tree.replace(params, {path: value.astype(flat[path].dtype)
+                                for path, value in adapter.extras.items()})
+
+
+def merge(params: Params, adapter: Adapter, *, dtype=None) -> Params:
   """Folds each low-rank update into the kernel it targets, and sets the trained extras.
 
   Each adapted kernel W becomes W + s·AᵀB, summed in float32 and cast once to W.dtype; each
   extra leaf is replaced by the adapter's value in the leaf's dtype; other leaves come back
   unchanged. A fresh adapter (B = 0) gives `params` back bit for bit.
+
+  A quantized base (`jlora.quantize`) comes back dense, for serving or export: every quantized
+  kernel becomes deq(W) (+ s·AᵀB where adapted) in `dtype`, by default the dtype the kernel
+  had before it was quantized.
 
   The one cast rounds each merged weight to within half a unit in the last place (ulp) of
   |W + ΔW| in W's dtype. To serve or sample with an adapter that changes every step (an RL
@@ -147,9 +158,10 @@ def merge(params: Params, adapter: Adapter) -> Params:
   Args:
     params: the tree that was given to `jlora.init`.
     adapter: an adapter made for that tree, trained or not.
+    dtype: the floating dtype of dequantized kernels (quantized trees only).
 
   Returns:
-    A tree with the structure, shapes and dtypes of `params`.
+    A tree with the structure, shapes and dtypes of `params` (quantized kernels dense).
 
   Raises:
     TypeError: if `adapter` is not an `Adapter` or a factor is not a floating array.
@@ -179,9 +191,8 @@ def merge(params: Params, adapter: Adapter) -> Params:
     True
   """
   _check_adapter("jlora.merge", adapter)
-  flat = check_fits(params, adapter, per_example=False)
-  extras = {path: value.astype(flat[path].dtype) for path, value in adapter.extras.items()}
-  return _fold(_tree.replace(params, extras), adapter, 1.0)
+  check_fits(params, adapter, per_example=False)
+  return _fold(quant.dequantize(with_extras(params, adapter), dtype), adapter, 1.0)
 
 
 def unmerge(merged: Params, adapter: Adapter) -> Params:

@@ -25,7 +25,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _tree
+from jlora import _tree, quant
 from jlora._layout import View
 
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
@@ -139,7 +139,6 @@ def dense(kernel):
   """The kernel as an array: a quantized kernel is dequantized."""
   if isinstance(kernel, jax.Array | np.ndarray):
     return kernel
-  from jlora import quant  # noqa: PLC0415 (quant imports the tree utilities this module uses)
   return quant.dequantize(kernel)
 
 
