@@ -103,6 +103,19 @@ class QuantizedArray:
   Static: ``scheme``, ``block_size``, ``n`` (the kernel's last axis), ``orig_dtype`` and
   ``double_quant``. Make one with `quantize_array` or `quantize`; read it with `dequantize`.
 
+  Attributes:
+    codes: the packed codes, ``(*lead, n)`` int8 or ``(*lead, n // 2)`` uint8 (two 4-bit
+      codes per byte).
+    scales: one float32 scale per block, ``(*lead, n // block_size)``; with double
+      quantization their uint8 codes.
+    scale_offset: with double quantization, the float32 offset of each group of 256 scales.
+    scale_step: with double quantization, the float32 step of each group of 256 scales.
+    scheme: ``"int8"``, ``"int4"`` or ``"nf4"``.
+    block_size: elements per block along the last axis.
+    n: the size of the kernel's last axis.
+    orig_dtype: the kernel's dtype before quantization.
+    double_quant: whether the scales are quantized too.
+
   Example:
     >>> import jax, jax.numpy as jnp, jlora.quant as jq
     >>> q = jq.quantize_array(jnp.ones((3, 128), jnp.bfloat16), "nf4")

@@ -559,9 +559,8 @@ def test_check_fits_accepts_array_like_kernels_and_abstract_params():
       "fc/kernel", "fc/bias"}
   abstract = jax.eval_shape(lambda: params)
   assert set(check_fits(abstract, jax.eval_shape(lambda: adapter))) == {"fc/kernel", "fc/bias"}
-  with pytest.raises(ValueError, match=r"kernel 'fc/kernel' is a Quantized; merging into it "
-                     r"would quantize the update away\. Fix: merge into dense weights"):
-    jlora.merge({"fc": {"kernel": Quantized(), "bias": jnp.zeros(3)}}, adapter)
+  with pytest.raises(ValueError, match=r"The adapter's kernel 'fc/kernel' was made for shape"):
+    jlora.merge({"fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(3)}}, adapter)
   with pytest.raises(ValueError, match=r"'fc/kernel' was made for shape \(4, 3\), but the "
                      r"params hold float\. Fix:"):
     check_fits({"fc": {"kernel": 1.0, "bias": jnp.zeros(3)}}, adapter)
@@ -615,3 +614,19 @@ def test_bf16_merge_unmerge_loop_drift_is_pinned_and_remerging_from_base_has_non
   assert 3e-3 < drift < 5e-3, f"drift after 100 cycles: {drift:.3e}"
   _assert_trees_bitwise_equal(base, frozen)  # zero drift: the base is bit for bit the same
   _assert_trees_bitwise_equal(merged, jlora.merge(frozen, adapter))
+
+
+def test_merge_of_a_quantized_base_is_dense_and_exact_against_dequantize():
+  base = {"fc": {"kernel": jax.random.normal(jax.random.key(3), (8, 64)), "bias": jnp.zeros(64)}}
+  quantized = jlora.quantize(base, "fc/kernel", "nf4")
+  config = jlora.LoraConfig(rank=2, alpha=4.0, targets="fc/kernel")
+  adapter = jax.tree.map(lambda x: x + 0.1, jlora.init(jax.random.key(0), quantized, config))
+  for dtype in (None, jnp.bfloat16):
+    merged = jlora.merge(quantized, adapter, dtype=dtype)
+    expected = jlora.merge(jlora.dequantize(quantized, dtype), adapter)
+    jax.tree.map(np.testing.assert_array_equal, merged, expected)
+    assert merged["fc"]["kernel"].dtype == (dtype or jnp.float32)
+  with pytest.raises(ValueError, match=r"dtype=int8 cannot hold .*fc/kernel.*Fix: pass a floating"):
+    jlora.merge(quantized, adapter, dtype=jnp.int8)
+  with pytest.raises(ValueError, match=r"'fc/kernel' is quantized; subtracting an update"):
+    jlora.unmerge(quantized, adapter)
