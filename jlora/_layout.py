@@ -126,6 +126,11 @@ class View:
     groups = tuple(0 if ax == owners[0] else g for ax, g in enumerate(self.groups))
     return View(atoms, perm, groups, self.dtype)
 
+  def resize_source(self, axis: int, size: int) -> View:
+    """The view once kernel axis `axis` (one atom) is narrowed to `size`."""
+    atoms = tuple((src, size if src == axis else n) for src, n in self.atoms)
+    return dataclasses.replace(self, atoms=atoms)
+
   def axis_of_source(self, axis: int) -> int | None:
     """The value axis that holds exactly kernel axis `axis` and nothing else, if any."""
     for ax in range(len(self.groups)):

@@ -75,8 +75,7 @@ def _now(tag: Tag, f: LoraFactors) -> LoraFactors:
                     axes(f.roles.stacked))
   a, b = tag.lora
   return LoraFactors(a=a, b=b, scale=f.scale, roles=roles,
-                     kernel_shape=tuple(f.kernel_shape[ax] for ax in tag.axes),
-                     dropout=f.dropout)
+                     kernel_shape=tuple(tag.kernel.shape), dropout=f.dropout)
 
 
 def _remaining_stacked(tag: Tag, f: LoraFactors) -> list[int]:
@@ -199,13 +198,13 @@ def _conv_branch(eqn, ins, tag: Tag, f: LoraFactors):
   out_source = next(iter(view.sources([numbers.rhs_spec[0]])))
   now = _now(tag, f)
   contracting = [tag.axes[i] for i in now.roles.contracting]
+  size = dict(zip(tag.axes, tag.kernel.shape, strict=True))
 
   def branch(x, a, b):
     rank = a.shape[0]
-    a_full = a.reshape(rank, *(f.kernel_shape[ax] for ax in contracting))
+    a_full = a.reshape(rank, *(size[ax] for ax in contracting))
     a_full = jnp.moveaxis(a_full, 0, sum(ax < out_source for ax in contracting))
-    a_full = a_full.reshape([rank if ax == out_source else f.kernel_shape[ax]
-                             for ax in tag.axes])
+    a_full = a_full.reshape([rank if ax == out_source else size[ax] for ax in tag.axes])
     a_value = view.apply(a_full, sizes={out_source: rank}).astype(x.dtype)
     u = program.bind(eqn, [x, a_value])[0]
     channel = numbers.out_spec[1]
@@ -288,6 +287,24 @@ class _Factored(program.Rules):
   def sliced(self, tag, axis, op):
     f = self.factors.get(tag.path)
     return f is None or axis in f.roles.stacked
+
+  def narrow_factors(self, tag, axis, start, stop):
+    f = self.factors.get(tag.path)
+    if f is None:
+      return tag.lora
+    a, b = tag.lora
+    if axis in f.roles.stacked:
+      pos = _remaining_stacked(tag, f).index(axis)
+      return tuple(jax.lax.slice_in_dim(x, start, stop, axis=pos) for x in (a, b))
+    shape = dict(zip(tag.axes, tag.kernel.shape, strict=True))
+    for fan, axes in ((0, f.roles.contracting), (1, f.roles.features)):
+      if axis in axes:
+        x = tag.lora[fan]
+        split = x.reshape(*x.shape[:-1], *(shape[ax] for ax in axes))
+        part = jax.lax.slice_in_dim(split, start, stop, axis=x.ndim - 1 + axes.index(axis))
+        part = part.reshape(*x.shape[:-1], -1)
+        return (part, b) if fan == 0 else (a, part)
+    return None
 
   def use_as_value(self, tag, op="an output"):
     f = self.factors.get(tag.path)

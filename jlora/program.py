@@ -134,6 +134,10 @@ class Rules:
     slice is then a use with no rule)."""
     return True
 
+  def narrow_factors(self, tag: Tag, axis: int, start: int, stop: int):
+    """`tag.lora` for the part ``[start, stop)`` of kernel axis `axis`, or None."""
+    return None
+
 
 def dense(kernel):
   """The kernel as an array: a quantized kernel is dequantized."""
@@ -251,6 +255,12 @@ def _step(eqn, ins: list[Any], rules: Rules) -> list[Any]:
       sliced = _slice_step(eqn, ins, rules)
       if sliced is not None:
         return [sliced]
+    if name == "stop_gradient":  # a frozen copy (a reference model): so are its factors
+      return [dataclasses.replace(tag, lora=jax.lax.stop_gradient(tag.lora))]
+    if name == "split":
+      parts = _split_step(eqn, tag, rules)
+      if parts is not None:
+        return parts
   if name in _CALLS:
     closed = params["jaxpr"]
     return evaluate(closed.jaxpr, closed.consts, ins, rules)
@@ -306,14 +316,49 @@ def _slice_step(eqn, ins, rules: Rules) -> Tag | None:
     sizes = list(eqn.params["slice_sizes"])
     index_of = lambda ax: ins[1 + ax]  # noqa: E731
   cut = [ax for ax, (n, full) in enumerate(zip(sizes, shape, strict=True)) if n != full]
-  if len(cut) != 1 or sizes[cut[0]] != 1:
+  if len(cut) != 1:
     return None
   atoms = view.axis_atoms(cut[0])
   if len(atoms) != 1:
     return None
   source = view.atoms[atoms[0]][0]
-  return slice_source(tag, source, index_of(cut[0]), rules, eqn.primitive.name,
-                      keep_axis=True)
+  if sizes[cut[0]] == 1:
+    indexed = slice_source(tag, source, index_of(cut[0]), rules, eqn.primitive.name,
+                           keep_axis=True)
+    if indexed is not None:
+      return indexed
+  if eqn.primitive.name != "slice":
+    return None
+  return narrow(tag, source, index_of(cut[0]), index_of(cut[0]) + sizes[cut[0]], rules)
+
+
+def _split_step(eqn, tag: Tag, rules: Rules) -> list[Tag] | None:
+  """``jnp.split`` of a fused kernel (q|k|v, gate|up) into parts, each a narrowed tag."""
+  atoms = tag.view.axis_atoms(eqn.params["axis"])
+  if len(atoms) != 1:
+    return None
+  source, start, parts = tag.view.atoms[atoms[0]][0], 0, []
+  for size in eqn.params["sizes"]:
+    parts.append(narrow(tag, source, start, start + size, rules))
+    start += size
+  return None if any(p is None for p in parts) else parts
+
+
+def narrow(tag: Tag, source: int, start: int, stop: int, rules: Rules) -> Tag | None:
+  """`tag` restricted to ``[start, stop)`` of kernel axis `source` (one part of a fused
+  kernel), the factor that spans that axis sliced alike; or None."""
+  if tag.view.axis_of_source(source) is None or not can_index(tag, source):
+    return None
+  pos = tag.axes.index(source)
+  cut = lambda x, axis: jax.lax.slice_in_dim(x, start, stop, axis=axis)  # noqa: E731
+  lora = tag.lora
+  if lora is not None:
+    lora = rules.narrow_factors(tag, source, start, stop)
+    if lora is None:
+      return None
+  kernel = jax.tree.map(lambda x: cut(x, pos), tag.kernel)
+  return dataclasses.replace(tag, kernel=kernel, lora=lora,
+                             view=tag.view.resize_source(source, stop - start))
 
 
 def slice_source(tag: Tag, source: int, index, rules: Rules, op: str, *, keep_axis: bool

@@ -484,6 +484,14 @@ def _bf16_compute(params, x):
   return h.astype(jnp.bfloat16) @ params["w2"].astype(jnp.bfloat16)
 
 
+def _split_fused_gate_up(params, x):
+  """One fused (D, 2F) kernel cut with jnp.split into gate and up, and a frozen copy of the
+  output projection (a reference pass under stop_gradient)."""
+  gate, up = jnp.split(params["gate_up"], 2, axis=1)
+  h = jax.nn.gelu(x @ gate) * (x @ up)
+  return h @ params["down"] + 0.1 * (h @ jax.lax.stop_gradient(params["down"]))
+
+
 LAYOUT = {
     "fused_qkv_reshape": (
         _fused_qkv, {"qkv": normal((D, 3 * N * H), 42, 0.3), "out": normal((N * H, D), 43, 0.3)},
@@ -491,6 +499,10 @@ LAYOUT = {
     "split_columns": (
         _split_columns, {"w": normal((D, 32), 44, 0.3), "w2": normal((16, D), 45, 0.3)},
         {"w": dense((0,), (1,)), "w2": dense((0,), (1,))}, (TOKENS, D)),
+    "split_fused_gate_up_and_stop_gradient": (
+        _split_fused_gate_up,
+        {"gate_up": normal((D, 32), 49, 0.3), "down": normal((16, D), 50, 0.3)},
+        {"gate_up": dense((0,), (1,)), "down": dense((0,), (1,))}, (TOKENS, D)),
 }
 
 
