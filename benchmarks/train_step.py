@@ -38,12 +38,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib.metadata
 import importlib.util
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -64,19 +66,32 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jlora  # noqa: E402
+from benchmarks import custom_model as cm  # noqa: E402
 from benchmarks import model as bm  # noqa: E402
 
 RANK, ALPHA = 8, 16.0
 LR, WEIGHT_DECAY = 1e-3, 1e-4
 WARMUP, TIMED = 5, 20
 QUICK_WARMUP, QUICK_TIMED = 1, 3
-JAX_SYSTEMS = ("full", "floor", "merged", "jlora", "jlora_bf16", "nnx_lora")
+# The quantized frozen bases: (scheme, block size, double quantization) for jlora.quantize.
+QUANTIZED = {"jlora_int8": ("int8", None, False), "jlora_nf4": ("nf4", 64, False),
+             "jlora_nf4_dq": ("nf4", 64, True)}
+# The same network with its projections in the layers of benchmarks/custom_model.py.
+CUSTOM = tuple(f"{kind}_{layout}" for layout in cm.LAYOUTS for kind in ("floor", "jlora"))
+JAX_SYSTEMS = ("full", "floor", "merged", "jlora", "jlora_bf16", "nnx_lora", *QUANTIZED, *CUSTOM)
 TORCH_SYSTEMS = ("peft_torch", "torch_floor")
 SYSTEMS = JAX_SYSTEMS + TORCH_SYSTEMS
 FLOORS = {"jax": "floor", "torch": "torch_floor"}
+
+
+def own_floor(name: str, framework: str) -> str:
+  """The floor a system's ratio is taken against: its framework's, or its layout's."""
+  layout = next((x for x in cm.LAYOUTS if name.endswith(f"_{x}")), None)
+  return f"floor_{layout}" if layout else FLOORS[framework]
 BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
-# |step-0 loss - reference| allowed: float32 systems, and systems computing in bfloat16.
-LOSS_ATOL = {"float32": 1e-4, "bfloat16": 5e-2}
+# |step-0 loss - reference| allowed: float32 systems, systems computing in bfloat16, and
+# systems whose frozen base is quantized (a slightly different model).
+LOSS_ATOL = {"float32": 1e-4, "bfloat16": 5e-2, "quantized": 5e-2}
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -179,6 +194,29 @@ def _nnx_lora(w: Workload) -> tuple[LossFn, Any, Any]:
   return loss_fn, lora_state, rest
 
 
+def _jlora_quantized(w: Workload, name: str) -> tuple[LossFn, Any, Any]:
+  scheme, block, double_quant = QUANTIZED[name]
+  loss_fn, adapter, variables = _jlora(w)
+  return loss_fn, adapter, jlora.quantize(variables, bm.LORA_TARGET_REGEX, scheme,
+                                          block_size=block, double_quant=double_quant)
+
+
+def _custom(w: Workload, name: str) -> tuple[LossFn, Any, Any]:
+  """floor or jlora on the same network written with custom layers (custom_model.py)."""
+  kind, layout = name.split("_", 1)
+  model = cm.CustomGPT(w.config, layout)
+  variables = cm.convert(w.variables, layout)
+  if kind == "floor":
+    return _floor(dataclasses.replace(w, model=model, variables=variables))
+  config = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=cm.LORA_TARGET_REGEX[layout])
+  adapter = jlora.init(jax.random.key(0), variables, config, model.apply, w.tokens[:, :-1])
+  # The same A as the Flax workload's adapter (B = 0): the layouts' A are the same numbers.
+  adapter = dataclasses.replace(adapter, lora={
+      p: dataclasses.replace(f, a=w.adapter.lora[p.rsplit("/", 1)[0] + "/kernel"].a)
+      for p, f in adapter.lora.items()})
+  return _jlora(dataclasses.replace(w, model=model, variables=variables, adapter=adapter))
+
+
 _JAX_BUILDERS = {
     "full": _full,
     "floor": _floor,
@@ -186,6 +224,8 @@ _JAX_BUILDERS = {
     "jlora": _jlora,
     "jlora_bf16": lambda w: _jlora(w, jnp.bfloat16),
     "nnx_lora": _nnx_lora,
+    **{name: functools.partial(_jlora_quantized, name=name) for name in QUANTIZED},
+    **{name: functools.partial(_custom, name=name) for name in CUSTOM},
 }
 
 
@@ -361,12 +401,12 @@ def check_step0_losses(results: Sequence[Result], dtype: str = "float32") -> lis
   """
   if not results:
     return []
-  exact = [r for r in results if r.name != "jlora_bf16"] or list(results)
-  ref = exact[0]
+  exact = [r for r in results if r.name != "jlora_bf16" and r.name not in QUANTIZED]
+  ref = (exact or list(results))[0]
   problems = []
   for r in results:
     low = dtype == "bfloat16" or r.name == "jlora_bf16"
-    atol = LOSS_ATOL["bfloat16" if low else "float32"]
+    atol = LOSS_ATOL["quantized" if r.name in QUANTIZED else "bfloat16" if low else "float32"]
     if not abs(r.loss0 - ref.loss0) <= atol:
       problems.append(f"{r.name}: step-0 loss {r.loss0:.6f} != {ref.name}'s {ref.loss0:.6f} "
                       f"(tolerance {atol})")
@@ -391,7 +431,7 @@ def table_rows(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
             "loss after"]
   rows = []
   for r in results:
-    full, floor = by_name.get("full"), by_name.get(FLOORS[r.framework])
+    full, floor = by_name.get("full"), by_name.get(own_floor(r.name, r.framework))
     a = r.analysis
     mib = {k: a[k] / _MIB if k in a else None for k in ("temp", "argument", "output")}
     rows.append([
@@ -465,8 +505,52 @@ def notes(results: Sequence[Result], w: Workload, dtype: str) -> list[str]:
     out.append(f"jlora_bf16: frozen params {bf16.frozen_bytes / _MIB:.1f} MiB = "
                f"{bf16.frozen_bytes / f32.frozen_bytes:.3f}× the float32 jlora run's "
                f"{f32.frozen_bytes / _MIB:.1f} MiB{arg}{temp}.")
+  out += quantized_notes(by, w)
+  out += custom_notes(by)
   out.append("Peak RSS is the process's maximum so far (getrusage), so it never decreases down "
              "the table; systems run in the order shown.")
+  return out
+
+
+def adapted_kernel_bytes(w: Workload, name: str | None) -> int:
+  """Bytes of the 24 adapted kernels alone, dense float32 (None) or as system `name` stores
+  them (embeddings, norms and the head stay dense in every system)."""
+  kernels = {p: x for p, x in jlora._tree.flatten(w.variables).items()
+             if re.fullmatch(bm.LORA_TARGET_REGEX, p)}
+  if name is not None:
+    scheme, block, double_quant = QUANTIZED[name]
+    kernels = jlora.quantize(kernels, ".*", scheme, block_size=block, double_quant=double_quant)
+  return sum(x.nbytes for x in kernels.values())
+
+
+def quantized_notes(by: dict, w: Workload) -> list[str]:
+  out = []
+  f32, bf16 = by.get("jlora"), by.get("jlora_bf16")
+  dense = adapted_kernel_bytes(w, None)
+  for name in QUANTIZED:
+    r = by.get(name)
+    if r is None:
+      continue
+    stored = adapted_kernel_bytes(w, name)
+    line = (f"{name}: adapted kernels {stored / _MIB:.2f} MiB = {stored / dense:.4f}× their "
+            f"float32 {dense / _MIB:.2f} MiB")
+    if bf16 and "temp" in r.analysis and "temp" in bf16.analysis:
+      ratio = r.analysis["temp"] / bf16.analysis["temp"]
+      line += (f"; step temp {r.analysis['temp'] / _MIB:.1f} MiB = {ratio:.3f}× the bf16-base "
+               f"step's ({'within' if ratio <= 1.05 else 'OVER'} +5 %)")
+    if f32:
+      line += f"; step time {r.median / f32.median:.2f}× the float32-base jlora step"
+    out.append(line + ".")
+  return out
+
+
+def custom_notes(by: dict) -> list[str]:
+  out = []
+  for layout in cm.LAYOUTS:
+    floor, r = by.get(f"floor_{layout}"), by.get(f"jlora_{layout}")
+    if floor and r:
+      out.append(f"jlora_{layout}: {r.median / floor.median:.3f}× its own floor (the same "
+                 f"network written with {layout} layers, benchmarks/custom_model.py).")
   return out
 
 

@@ -1,10 +1,14 @@
 """Quantized frozen kernels for QLoRA: int8, int4 and NF4 block-wise codes as pytrees.
 
 A `QuantizedArray` stands where a kernel W stood in a parameter tree. Its leaves are the packed
-codes and the per-block scales; the scheme, the block size, the length ``n`` of W's last axis and
-W's dtype are static metadata. Blocks run along the **last** axis of W, and every leaf has W's
-leading axes (all but the last) as its own leading axes, so slicing, scanning, vmapping, moving or
-sharding the leading axes of every leaf gives the `QuantizedArray` of the same slice of W::
+codes and the per-block scales; the scheme, the block size, W's trailing axes and W's dtype are
+static metadata. W's first ``lead_axes`` axes (default 1: the layer axis of a stack, or the input
+axis of a matrix) stay array axes; the rest are flattened row-major into *rows* of ``n``
+elements, cut into blocks. Every leaf has W's leading axes as its own leading axes, so slicing,
+scanning, vmapping, moving or sharding them gives the `QuantizedArray` of the same slice of W.
+(A (d, heads, 64) q kernel thus has rows of heads·64, and its double-quantized scales pay for
+themselves; ``lead_axes=W.ndim - 1`` cuts blocks along the last axis alone.) Below, a "row" is
+the last axis of the codes::
 
     scheme  codes                          scales (scale of block j of a row)
     int8    (*lead, n) int8, in [-127,127]  (*lead, n // block) f32: absmax / 127
@@ -21,8 +25,8 @@ rounding. NF4 maps ``clip(x * (1 / absmax), -1, 1)`` to the nearest of the 16 No
 of QLoRA (Dettmers et al. 2023, arXiv:2305.14314, Appendix E), a value exactly halfway between
 two entries going to the lower one: the same arithmetic as bitsandbytes 0.50, whose
 ``quantize_4bit(t, blocksize=64, quant_type="nf4")`` codes, absmax and ``dequantize_4bit`` output
-jlora reproduces bit for bit for a row-major float32 tensor whose last axis is a multiple of 64
-(there the flattened blocks of bitsandbytes are jlora's blocks along the last axis). One known
+jlora reproduces bit for bit for a row-major float32 tensor whose rows are a multiple of 64
+long (there the flattened blocks of bitsandbytes are jlora's blocks along the rows). One known
 difference: an all-zero block has scale 0 here and codes of 0.0, as in bitsandbytes; a block whose
 absmax is a float32 subnormal below 1e-38 is scaled by 1/absmax here and by 1e38 there.
 
@@ -43,8 +47,8 @@ chosen with the exact scales, as in QLoRA. This differs from bitsandbytes'
 centred scales with its 8-bit dynamic (sign/exponent/fraction) map in groups of 256 over the
 flattened tensor: a tensor-wide mean would tie every row's scales together and break the slicing
 invariant above. Cost per element: 4 + 8/64 + 64/(64·256) bits vs 4 + 32/64 bits without. As
-groups stay within a row, it saves bytes only for rows of three or more blocks: a kernel whose
-last axis is one block (e.g. q/k/v of shape (d, heads, 64)) pays 9 bytes per row for 4.
+groups stay within a row, it saves bytes only for rows of three or more blocks: with
+``lead_axes=2``, q/k/v of shape (d, heads, 64) have rows of one block and pay 9 bytes a row for 4.
 
 **Shapes that do not fit** are rejected, never padded: a block size must divide ``n`` (or be
 ``None``: one block per row), and 4-bit codes need an even ``n``.
@@ -100,7 +104,7 @@ class QuantizedArray:
 
   Leaves: ``codes``, ``scales`` and, with double quantization, ``scale_offset`` and
   ``scale_step`` (else None); every leaf has the kernel's leading axes as its own leading axes.
-  Static: ``scheme``, ``block_size``, ``n`` (the kernel's last axis), ``orig_dtype`` and
+  Static: ``scheme``, ``block_size``, ``trailing`` (the kernel's axes in a row), ``orig_dtype`` and
   ``double_quant``. Make one with `quantize_array` or `quantize`; read it with `dequantize`.
 
   Attributes:
@@ -111,8 +115,8 @@ class QuantizedArray:
     scale_offset: with double quantization, the float32 offset of each group of 256 scales.
     scale_step: with double quantization, the float32 step of each group of 256 scales.
     scheme: ``"int8"``, ``"int4"`` or ``"nf4"``.
-    block_size: elements per block along the last axis.
-    n: the size of the kernel's last axis.
+    block_size: elements per block along a row.
+    trailing: the kernel's axes after the leading ones, flattened into each row.
     orig_dtype: the kernel's dtype before quantization.
     double_quant: whether the scales are quantized too.
 
@@ -133,7 +137,7 @@ class QuantizedArray:
   scale_step: jax.Array | None = None
   scheme: str = _static()
   block_size: int = _static()
-  n: int = _static()
+  trailing: tuple[int, ...] = _static()
   orig_dtype: np.dtype = _static()
   double_quant: bool = _static()
 
@@ -141,7 +145,12 @@ class QuantizedArray:
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return (*self.codes.shape[:-1], self.n)
+    return (*self.codes.shape[:-1], *self.trailing)
+
+  @property
+  def n(self) -> int:
+    """Elements per row: the trailing axes flattened, cut into blocks."""
+    return math.prod(self.trailing)
 
   @property
   def ndim(self) -> int:
@@ -192,7 +201,8 @@ def _check_options(where: str, scheme: Any, block_size: Any) -> None:
                      f"got {block_size=}. Fix: pass e.g. block_size=64.")
 
 
-def _leaf_problem(path: str, leaf: Any, scheme: str, block_size: int | None) -> str | None:
+def _leaf_problem(path: str, leaf: Any, scheme: str, block_size: int | None,
+                  lead_axes: int) -> str | None:
   """Why the leaf at `path` cannot be quantized, as an error message; None if it can."""
   if is_quantized(leaf):
     return (f"{path} is already quantized ({leaf!r}). Fix: quantize the float kernel once, or "
@@ -205,14 +215,19 @@ def _leaf_problem(path: str, leaf: Any, scheme: str, block_size: int | None) -> 
     return (f"{path} has shape {tuple(shape)}: only kernels with two or more axes are quantized "
             "(blocks run along the last axis; biases and norms stay dense). Fix: narrow targets "
             "to kernels, e.g. '.*/kernel'.")
-  n = shape[-1]
+  if isinstance(lead_axes, bool) or not isinstance(lead_axes, int) or not (
+      0 <= lead_axes < len(shape)):
+    return (f"{path} has shape {tuple(shape)}; lead_axes={lead_axes!r} must be an int in "
+            f"[0, {len(shape)}). Fix: keep 1 leading axis (the layer axis of a stack), or 0.")
+  n = math.prod(shape[lead_axes:])
   if block_size is not None and n % block_size:
     divisors = [b for b in (256, 128, 64, 32, 16) if n % b == 0][:2]
     hint = f"block_size={divisors[0]}" if divisors else "block_size=None (one block per row)"
-    return (f"{path} has last axis {n}, not a multiple of {block_size=} (blocks are not padded). "
-            f"Fix: use {hint}, or leave this kernel dense.")
+    return (f"{path} has rows of {n} elements (its axes after the first {lead_axes}), not a "
+            f"multiple of {block_size=} (blocks are not padded). Fix: use {hint}, or leave "
+            "this kernel dense.")
   if scheme in ("int4", "nf4") and n % 2:
-    return (f"{path} has an odd last axis {n}; {scheme} packs two codes per byte along it. "
+    return (f"{path} has rows of an odd {n} elements; {scheme} packs two codes per byte. "
             "Fix: use scheme='int8' for this kernel, or leave it dense.")
   return None
 
@@ -306,7 +321,9 @@ def _scales(q: QuantizedArray):
   return _expand(q.scale_offset, nb) + q.scales.astype(jnp.float32) * _expand(q.scale_step, nb)
 
 
-def _encode(x, scheme: str, block: int, double_quant: bool) -> QuantizedArray:
+def _encode(x, scheme: str, block: int, double_quant: bool, lead_axes: int) -> QuantizedArray:
+  trailing = x.shape[lead_axes:]
+  x = x.reshape(*x.shape[:lead_axes], -1)
   lead, n = x.shape[:-1], x.shape[-1]
   blocks = x.astype(jnp.float32).reshape(*lead, n // block, block)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
@@ -326,8 +343,8 @@ def _encode(x, scheme: str, block: int, double_quant: bool) -> QuantizedArray:
   if double_quant:
     scales, offset, step = _compress_scales(scales)
   return QuantizedArray(codes=codes, scales=scales, scale_offset=offset, scale_step=step,
-                        scheme=scheme, block_size=block, n=n, orig_dtype=np.dtype(x.dtype),
-                        double_quant=double_quant)
+                        scheme=scheme, block_size=block, trailing=tuple(trailing),
+                        orig_dtype=np.dtype(x.dtype), double_quant=double_quant)
 
 
 def _explicit_spec(a) -> PartitionSpec | None:
@@ -347,12 +364,15 @@ def _mesh_context(a):
   return jax.set_mesh(a.sharding.mesh)
 
 
-def _shardings(x, abstract: QuantizedArray):
+def _shardings(x, abstract: QuantizedArray, lead_axes: int):
   """Per-leaf NamedShardings following `x`'s on the leading axes (module docstring), or None."""
   sharding = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
   if not isinstance(sharding, NamedSharding):
     return None
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  # A row is the trailing axes flattened: it can keep the first one's spec when the rest are
+  # whole (row-major), else it is replicated.
+  spec = (*spec[:lead_axes], spec[lead_axes] if not any(spec[lead_axes + 1:]) else None)
   last = spec[-1]
   names = () if last is None else (last,) if isinstance(last, str) else tuple(last)
   ways = math.prod(sharding.mesh.shape[a] for a in names)
@@ -365,7 +385,7 @@ def _shardings(x, abstract: QuantizedArray):
 
 
 def quantize_array(x: jax.Array, scheme: str = "nf4", *, block_size: int | None = 64,
-                   double_quant: bool = False) -> QuantizedArray:
+                   double_quant: bool = False, lead_axes: int = 1) -> QuantizedArray:
   """Quantizes one kernel block-wise along its last axis (formats: the module docstring).
 
   Each block of `block_size` consecutive elements of a row gets scale s from its absmax; int8
@@ -376,8 +396,10 @@ def quantize_array(x: jax.Array, scheme: str = "nf4", *, block_size: int | None 
   Args:
     x: a floating-point array with two or more axes (any float dtype; computed in float32).
     scheme: "int8", "int4" or "nf4".
-    block_size: elements per block along the last axis, dividing it; None: one block per row.
+    block_size: elements per block along a row, dividing it; None: one block per row.
     double_quant: also quantize the scales to 8 bits (QLoRA's double quantization).
+    lead_axes: how many leading axes of `x` stay array axes (sliceable, shardable); the rest
+      are flattened into rows.
 
   Returns:
     A `QuantizedArray` with ``shape == x.shape`` and ``dtype == x.dtype``.
@@ -396,21 +418,24 @@ def quantize_array(x: jax.Array, scheme: str = "nf4", *, block_size: int | None 
     True
   """
   _check_options("jlora.quantize_array", scheme, block_size)
-  problem = _leaf_problem("the array", x, scheme, block_size)
+  problem = _leaf_problem("the array", x, scheme, block_size, lead_axes)
   if problem:
     raise ValueError(f"jlora.quantize_array: {problem}")
-  options = (scheme, x.shape[-1] if block_size is None else block_size, bool(double_quant))
+  row = math.prod(x.shape[lead_axes:])
+  options = (scheme, row if block_size is None else block_size, bool(double_quant), lead_axes)
   layout = jax.eval_shape(lambda a: _encode(a, *options), jax.ShapeDtypeStruct(x.shape, x.dtype))
-  out_shardings = _shardings(x, layout)
+  out_shardings = _shardings(x, layout, lead_axes)
   explicit = out_shardings is not None and _explicit_spec(x) is not None
   with jax.named_scope("jlora/quantize"), _mesh_context(x if explicit else None):
     return _encoder(*options, out_shardings, explicit)(x)
 
 
 @functools.lru_cache(maxsize=256)
-def _encoder(scheme: str, block: int, double_quant: bool, out_shardings, explicit: bool):
+def _encoder(scheme: str, block: int, double_quant: bool, lead_axes: int, out_shardings,
+             explicit: bool):
   """`_encode` jitted once per options and placement (jit then caches per input shape)."""
-  encode = functools.partial(_encode, scheme=scheme, block=block, double_quant=double_quant)
+  encode = functools.partial(_encode, scheme=scheme, block=block, double_quant=double_quant,
+                             lead_axes=lead_axes)
   if explicit:
     # Explicit axes type-check every reshape of the sharded last axis; the blocks are laid out
     # by XLA inside (auto axes) and the leaves come out as `_shardings` says.
@@ -420,7 +445,8 @@ def _encoder(scheme: str, block: int, double_quant: bool, out_shardings, explici
 
 
 def quantize(tree, targets: str | Sequence[str] | Callable[[str, Any], bool],
-             scheme: str = "nf4", *, block_size: int | None = 64, double_quant: bool = False):
+             scheme: str = "nf4", *, block_size: int | None = 64, double_quant: bool = False,
+             lead_axes: int = 1):
   """Replaces each kernel of `tree` selected by `targets` with its `QuantizedArray`.
 
   Args:
@@ -428,8 +454,10 @@ def quantize(tree, targets: str | Sequence[str] | Callable[[str, Any], bool],
     targets: a regex or a sequence of regexes matched with `re.fullmatch` against each leaf's
       "/"-joined path (as `LoraConfig.targets`), or a callable ``(path, leaf) -> bool``.
     scheme: "int8", "int4" or "nf4".
-    block_size: elements per block along the last axis of each kernel; None: one block per row.
+    block_size: elements per block along each row of a kernel; None: one block per row.
     double_quant: also quantize the scales to 8 bits.
+    lead_axes: leading axes of each kernel kept as array axes (1: a stack's layer axis, which
+      `jlora.wrap` slices in a scan); the rest are flattened into rows.
 
   Returns:
     `tree` with the selected leaves replaced; every other leaf is the same object.
@@ -450,11 +478,12 @@ def quantize(tree, targets: str | Sequence[str] | Callable[[str, Any], bool],
   _check_options("jlora.quantize", scheme, block_size)
   chosen = _select(tree, targets)
   for path, leaf in chosen.items():
-    problem = _leaf_problem(path, leaf, scheme, block_size)
+    problem = _leaf_problem(path, leaf, scheme, block_size, lead_axes)
     if problem:
       raise ValueError(f"jlora.quantize: {problem}")
   return _tree.replace(tree, {
-      path: quantize_array(leaf, scheme, block_size=block_size, double_quant=double_quant)
+      path: quantize_array(leaf, scheme, block_size=block_size, double_quant=double_quant,
+                           lead_axes=lead_axes)
       for path, leaf in chosen.items()})
 
 
@@ -493,6 +522,8 @@ def dequantize(x, dtype: Any = None):
     return jax.tree.map(lambda leaf: dequantize(leaf, dtype) if is_quantized(leaf) else leaf,
                         x, is_leaf=is_quantized)
   spec = _explicit_spec(x.codes)
+  if spec is not None:  # the dense kernel: the row's spec on its first trailing axis
+    spec = PartitionSpec(*spec, *(None,) * (len(x.trailing) - 1))
   with jax.named_scope("jlora/dequantize"), _mesh_context(None if spec is None else x.codes):
     return _decoder(np.dtype(x.dtype if dtype is None else dtype), spec)(x)
 
@@ -516,4 +547,4 @@ def _decode(x: QuantizedArray, dtype):
     values = _lookup(_unpack(x.codes), NF4_CODEBOOK)
   lead = x.codes.shape[:-1]
   blocks = values.reshape(*lead, x.n // x.block_size, x.block_size)
-  return (blocks * _scales(x)[..., None]).reshape(*lead, x.n).astype(dtype)
+  return (blocks * _scales(x)[..., None]).reshape(*lead, *x.trailing).astype(dtype)

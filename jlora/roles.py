@@ -209,7 +209,8 @@ def _unused_error(path: str, ops: list[str]) -> ValueError:
       f"{path} was selected by LoraConfig.targets, but no contraction, convolution or row "
       f"lookup consumes it when the model runs on the example inputs ({reached}; a bias, a "
       "norm scale or an unused leaf cannot take a low-rank update). Fix: narrow the targets, "
-      "pass inputs that reach it, or list it in LoraConfig.trainable to train it in full."
+      "pass inputs that reach it, state its axes in LoraConfig.roles (e.g. a kernel used only "
+      "inside a custom_vjp), or list it in LoraConfig.trainable to train it in full."
   )
 
 

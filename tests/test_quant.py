@@ -51,7 +51,7 @@ def _leaves_equal(a, b):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_quantized_array_has_the_documented_leaves_shape_dtype_and_bytes(scheme, double_quant):
   x = jnp.asarray(_kernel((3, 5, 512)), jnp.bfloat16)
-  q = jq.quantize_array(x, scheme, block_size=64, double_quant=double_quant)
+  q = jq.quantize_array(x, scheme, block_size=64, double_quant=double_quant, lead_axes=2)
   assert (q.shape, q.ndim, q.size, q.dtype) == ((3, 5, 512), 3, 3 * 5 * 512, jnp.bfloat16)
   width = 512 if scheme == "int8" else 256
   assert q.codes.shape == (3, 5, width)
@@ -65,6 +65,18 @@ def test_quantized_array_has_the_documented_leaves_shape_dtype_and_bytes(scheme,
     assert q.scales.dtype == jnp.float32 and q.scale_offset is None and q.scale_step is None
   assert q.nbytes == sum(leaf.nbytes for leaf in jax.tree.leaves(q))
   assert jq.is_quantized(q) and not jq.is_quantized(x)
+
+
+def test_by_default_only_the_first_axis_is_kept_and_the_rest_form_each_row():
+  """lead_axes=1: a (d, heads, 64) kernel has rows of heads·64, not of 64, so its blocks and
+  groups of scales are those of the flattened matrix; the codes are the same numbers."""
+  x = jnp.asarray(_kernel((6, 8, 64)))
+  q, per_head = jq.quantize_array(x, "nf4"), jq.quantize_array(x, "nf4", lead_axes=2)
+  assert (q.shape, q.codes.shape, q.scales.shape) == ((6, 8, 64), (6, 256), (6, 8))
+  np.testing.assert_array_equal(q.codes.reshape(-1), per_head.codes.reshape(-1))
+  np.testing.assert_array_equal(jq.dequantize(q), jq.dequantize(per_head))
+  assert jq.quantize_array(x, "nf4", double_quant=True).nbytes < jq.quantize_array(
+      x, "nf4", double_quant=True, lead_axes=2).nbytes
 
 
 def test_nibble_order_is_high_then_low():
@@ -149,8 +161,8 @@ def test_round_to_nearest_error_is_within_half_a_step_times_absmax(kind, scheme,
   """int8: |err| <= absmax/254, int4: <= absmax/14 (round to nearest, half of absmax/127 and
   absmax/7), nf4: <= half the widest codebook gap (0.15190) times absmax; plus f32 rounding."""
   w = _kernel((8, 4, 256), kind)
-  err = np.abs(np.asarray(jq.dequantize(jq.quantize_array(jnp.asarray(w), scheme,
-                                                        block_size=block)), np.float64) - w)
+  q = jq.quantize_array(jnp.asarray(w), scheme, block_size=block, lead_axes=2)
+  err = np.abs(np.asarray(jq.dequantize(q), np.float64) - w)
   amax = _block_absmax(w, block or w.shape[-1])
   worst = float((err / np.maximum(amax, 1e-30)).max())
   assert (err <= amax * (bound + 1e-6)).all(), worst
@@ -204,7 +216,8 @@ def test_round_trip_keeps_shape_and_dtype_and_works_under_jit(scheme, dtype, dou
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_slicing_leading_axes_gives_the_quantized_slice(scheme, double_quant):
   x = jnp.asarray(_kernel((3, 2, 8, 640)))  # 10 blocks a row: one short group
-  quant = lambda a: jq.quantize_array(a, scheme, double_quant=double_quant)
+  quant = lambda a: jq.quantize_array(a, scheme, double_quant=double_quant,  # noqa: E731
+                                      lead_axes=a.ndim - 1)
   q = quant(x)
   for i in range(3):
     _leaves_equal(jax.tree.map(lambda leaf, i=i: leaf[i], q), quant(x[i]))
@@ -225,7 +238,7 @@ def test_scan_over_a_stacked_kernel_dequantizes_each_layer(double_quant):
   h, per_layer = jax.jit(lambda q: jax.lax.scan(body, jnp.ones((2, 64)), q))(q)
   assert per_layer.shape == (4, 64, 128)
   for i in range(4):
-    expected = jax.jit(jq.dequantize)(jq.quantize_array(stack[i], "nf4",
+    expected = jax.jit(jq.dequantize)(jq.quantize_array(stack[i], "nf4", lead_axes=0,
                                                         double_quant=double_quant))
     np.testing.assert_allclose(per_layer[i], expected, rtol=1e-6, atol=0)
   if not double_quant:
@@ -353,12 +366,14 @@ def test_a_sharded_stack_keeps_its_layer_axis_sharding():
   x = jax.device_put(jnp.asarray(_kernel((4, 64, 256))), NamedSharding(mesh, P("data", None,
                                                                                "model")))
   tree = {"w": x}
-  q = jq.quantize(tree, "w", "nf4")["w"]
+  q = jq.quantize(tree, "w", "nf4", lead_axes=2)["w"]
   assert tree["w"] is x
   assert q.codes.sharding.spec == P("data", None, "model")
   assert q.scales.sharding.spec == P("data", None, "model")
   sliced = jax.tree.map(lambda leaf: leaf[1], q)
   _leaves_equal(sliced, jq.quantize_array(jnp.asarray(np.asarray(x)[1]), "nf4"))
+  rows = jq.quantize(tree, "w", "nf4")["w"]  # lead_axes=1: rows of 64·256, the layer axis kept
+  assert rows.codes.sharding.spec == P("data", None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,11 +385,12 @@ PARAMS = {"fc": {"kernel": jnp.ones((6, 96)), "bias": jnp.zeros(96)},
 
 
 @pytest.mark.parametrize(("targets", "kwargs", "message"), [
-    ("fc/kernel", dict(block_size=64), r"fc/kernel has last axis 96, not a multiple of "
+    ("fc/kernel", dict(block_size=64), r"fc/kernel has rows of 96 elements.*not a multiple of "
      r"block_size=64.*Fix: use block_size=32"),
-    ("odd/kernel", dict(scheme="nf4", block_size=None), r"odd/kernel has an odd last axis 63.*"
-     r"Fix: use scheme='int8'"),
-    ("odd/kernel", dict(scheme="int4", block_size=None), r"odd last axis 63; int4"),
+    ("odd/kernel", dict(scheme="nf4", block_size=None), r"odd/kernel has rows of an odd 63 "
+     r"elements.*Fix: use scheme='int8'"),
+    ("odd/kernel", dict(scheme="int4", block_size=None), r"odd 63 elements; int4"),
+    ("fc/kernel", dict(lead_axes=2), r"fc/kernel has shape \(6, 96\); lead_axes=2 must be"),
     ("fc/bias", dict(), r"fc/bias has shape \(96,\).*Fix: narrow targets"),
     ("ids/table", dict(), r"ids/table is not a floating-point array \(dtype=int32\).*Fix:"),
     ("fc/.*", dict(block_size=32), r"fc/bias has shape"),
