@@ -141,6 +141,14 @@ def _target_roles(targets, config, model, tree, args, kwargs) -> dict[str, AxisR
           for path, leaf in targets.items()}
 
 
+def _on_a_mesh(leaf) -> bool:
+  """Whether a kernel is placed across several devices (an array or a ShapeDtypeStruct with a
+  NamedSharding); then `init` creates each factor in its shards."""
+  sharding = getattr(leaf, "sharding", None)
+  return (not isinstance(leaf, jax.core.Tracer) and isinstance(sharding, jax.sharding.NamedSharding)
+          and len(sharding.device_set) > 1)
+
+
 def _check_floating(path: str, leaf) -> None:
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
     raise ValueError(
@@ -205,6 +213,11 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
   kernels with `LoraConfig.roles` are accepted; `jlora.wrap` checks those roles against the
   program when it first runs, so a kernel stored (out, in) fails loudly there.
 
+  Kernels placed on a mesh (`NamedSharding` over several devices) give an adapter placed like
+  them (A follows each kernel's fan_in axes, B its fan_out axes, the rank axis replicated),
+  each factor created in its own shards and never whole on one device: `jlora.init_sharded`
+  is then called for you (call it yourself for a replicated, DDP-style adapter).
+
   Args:
     key: a PRNG key for A.
     params: the tree to adapt; its leaves may be arrays, `jax.ShapeDtypeStruct` or quantized
@@ -237,6 +250,9 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
   targets = select_targets(flat, config)
   for path, leaf in targets.items():
     _check_floating(path, leaf)
+  if any(_on_a_mesh(leaf) for leaf in targets.values()):
+    from jlora.sharding import init_sharded  # noqa: PLC0415 (sharding builds on this module)
+    return init_sharded(key, params, config, model, *example_args, **example_kwargs)
   roles = _target_roles(targets, config, model, params, example_args, example_kwargs)
   dtype = jnp.dtype(config.dtype)
   keys = dict(zip(targets, jax.random.split(key, len(targets)), strict=True))

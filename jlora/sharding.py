@@ -206,6 +206,9 @@ def init_sharded(key: jax.Array, params: Params, config: LoraConfig, model: Any 
                  *example_args, replicate: bool = False, **example_kwargs) -> Adapter:
   """`jlora.init`, with every leaf created directly in its shard (see `jlora.shardings`).
 
+  `jlora.init` calls this itself when the targeted kernels are placed on a mesh; call it
+  directly for ``replicate=True`` (a DDP-style adapter) or for abstract params.
+
   The adapter's shape is worked out abstractly (`jax.eval_shape`), its shardings derived from
   the params', and `jlora.init` then runs under `jax.jit(..., out_shardings=...)`: each device
   computes only its own shard of A (threefry is partitionable, so the values equal those of

@@ -504,3 +504,17 @@ def test_two_processes_on_localhost(tmp_path):
   result = json.loads(result)
   assert result["devices"] == 8 and result["local"] == 4 and result["restored_equal"]
   np.testing.assert_allclose(result["losses"], _single_device()[0], rtol=2e-5)
+
+
+def test_init_on_sharded_params_returns_an_adapter_placed_like_its_kernels():
+  """DESIGN §2: no separate call needed; the values equal an unsharded init's."""
+  mesh = _mesh((2, 2), ("data", "model"))
+  kernel = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6) / 10
+  params = {"fc": {"kernel": jax.device_put(kernel, NamedSharding(mesh, P("data", "model")))}}
+  config = jlora.LoraConfig(rank=2, alpha=4.0, targets="fc/kernel")
+  adapter = jlora.init(jax.random.key(0), params, config)
+  f = adapter.lora["fc/kernel"]
+  assert f.a.sharding.spec == P(None, "data") and f.b.sharding.spec == P(None, "model")
+  assert f.a.addressable_shards[0].data.shape == (2, 4)
+  plain = jlora.init(jax.random.key(0), {"fc": {"kernel": kernel}}, config)
+  jax.tree.map(np.testing.assert_array_equal, adapter, plain)
