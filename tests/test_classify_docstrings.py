@@ -17,6 +17,9 @@ import jax
 import numpy as np
 import pytest
 
+_EXTRA = 'the examples extra is not installed: pip install -e ".[examples]"'
+pytest.importorskip("tqdm", reason=_EXTRA)
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "classify_docstrings.py"
 _spec = importlib.util.spec_from_file_location("classify_docstrings", _PATH)
 classify = importlib.util.module_from_spec(_spec)

@@ -15,6 +15,10 @@ import pytest
 
 import jlora
 
+_EXTRA = 'the examples extra is not installed: pip install -e ".[examples]"'
+pytest.importorskip("tqdm", reason=_EXTRA)
+pytest.importorskip("matplotlib", reason=_EXTRA)
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import common  # noqa: E402

@@ -12,6 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+_EXTRA = 'the examples extra is not installed: pip install -e ".[examples]"'
+pytest.importorskip("tqdm", reason=_EXTRA)
+pytest.importorskip("matplotlib", reason=_EXTRA)
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "styles.py"
 _spec = importlib.util.spec_from_file_location("examples_styles", _PATH)
 styles = importlib.util.module_from_spec(_spec)
