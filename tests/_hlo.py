@@ -72,6 +72,17 @@ def jaxpr_weight_gradient_dots(jaxpr, kernel_size: int, tokens: int) -> list[str
       if is_weight_gradient(lhs, rhs, eqn.outvars[0].aval.shape, l_con, r_con, l_batch,
                             kernel_size, tokens):
         found.append(str(eqn)[:200])
-  for sub in jax.extend.core.subjaxprs(jaxpr):
+  for sub in sub_jaxprs(jaxpr):
     found += jaxpr_weight_gradient_dots(sub, kernel_size, tokens)
   return found
+
+
+def sub_jaxprs(jaxpr):
+  """The jaxprs nested in `jaxpr`'s equations (jit, remat, scan, cond bodies), one level."""
+  for eqn in jaxpr.eqns:
+    for value in eqn.params.values():
+      for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, jax.extend.core.ClosedJaxpr):
+          yield v.jaxpr
+        elif isinstance(v, jax.extend.core.Jaxpr):
+          yield v

@@ -6,24 +6,9 @@ jax.config.update("jax_num_cpu_devices", 8)  # sharding tests run on 8 fake CPU 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import flax.linen as nn  # noqa: E402
-import jax.extend.core  # noqa: E402  (for the compatibility shim below)
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
-
-if not hasattr(jax.extend.core, "subjaxprs"):
-  # JAX < 0.10 (the oldest supported JAX is tested in .ci/run) has no public subjaxprs; the
-  # tests' jaxpr walkers use it. The same generator as JAX 0.10's, for the test process only.
-  def _subjaxprs(jaxpr):
-    for eqn in jaxpr.eqns:
-      for value in eqn.params.values():
-        for v in value if isinstance(value, tuple) else (value,):
-          if isinstance(v, jax.extend.core.Jaxpr):
-            yield v
-          elif isinstance(v, jax.extend.core.ClosedJaxpr):
-            yield v.jaxpr
-
-  jax.extend.core.subjaxprs = _subjaxprs
 
 
 class Attention(nn.Module):

@@ -17,16 +17,15 @@ each comparison is a single `jax.jit`, so a test costs about one XLA compilation
 import dataclasses
 import functools
 import math
-import re
 import warnings
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _hlo import hlo_weight_gradient_dots, jaxpr_weight_gradient_dots
 from flax import nnx
 
 import jlora
@@ -368,59 +367,6 @@ def _training_step(model, optimizer, recipe):
   return step
 
 
-_HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*[a-z0-9]+\[([\d,]*)\]")
-_HLO_DOT = re.compile(r"\sdot\([^%)]*%([\w.\-]+),[^%)]*%([\w.\-]+)\)")
-
-
-def _dims(attr: str, line: str) -> tuple[int, ...]:
-  found = re.search(attr + r"=\{([\d,]*)\}", line)
-  return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
-
-
-def _is_weight_gradient(lhs, rhs, result, l_con, r_con, l_batch, kernel_size) -> bool:
-  """A dot that sums over the tokens (all of them, possibly with the batch axis as a dot batch
-  axis) into d_in·d_out numbers per batch element: a weight gradient."""
-  contracted = math.prod(lhs[d] for d in l_con)
-  assert contracted == math.prod(rhs[d] for d in r_con)
-  batch = math.prod(lhs[d] for d in l_batch)
-  return contracted * batch == TOKENS and math.prod(result) == batch * kernel_size
-
-
-def _hlo_weight_gradient_dots(hlo: str, kernel_size: int) -> list[str]:
-  """The weight-gradient dots of an HLO module's text (every computation, fusions included)."""
-  shapes, dots = {}, []
-  for line in hlo.splitlines():
-    defined = _HLO_DEF.match(line)
-    if defined:
-      shapes[defined.group(1)] = tuple(int(d) for d in defined.group(2).split(",") if d)
-    if _HLO_DOT.search(line):
-      dots.append(line)
-  assert len(dots) >= 6, "too few dots in the HLO: is the parser out of date?"
-  found = []
-  for line in dots:
-    name = _HLO_DEF.match(line).group(1)
-    lhs, rhs = (shapes[n] for n in _HLO_DOT.search(line).groups())
-    if _is_weight_gradient(lhs, rhs, shapes[name], _dims("lhs_contracting_dims", line),
-                           _dims("rhs_contracting_dims", line), _dims("lhs_batch_dims", line),
-                           kernel_size):
-      found.append(line.strip()[:160])
-  return found
-
-
-def _jaxpr_weight_gradient_dots(jaxpr, kernel_size: int) -> list[str]:
-  """The weight-gradient dot_generals of a jaxpr, searching nested jaxprs (jit, custom_vjp,
-  remat, scan bodies) too."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (l_con, r_con), (l_batch, _) = eqn.params["dimension_numbers"]
-      lhs, rhs = (v.aval.shape for v in eqn.invars)
-      if _is_weight_gradient(lhs, rhs, eqn.outvars[0].aval.shape, l_con, r_con, l_batch,
-                             kernel_size):
-        found.append(str(eqn))
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    found += _jaxpr_weight_gradient_dots(sub, kernel_size)
-  return found
 
 
 @pytest.fixture(scope="module")
@@ -445,8 +391,8 @@ def compiled_steps():
 @pytest.mark.parametrize("recipe", ["wrap", "merged"])
 def test_compiled_step_has_no_weight_gradient_dot(compiled_steps, recipe):
   step = compiled_steps[recipe]
-  in_hlo = _hlo_weight_gradient_dots(step["hlo"], D_IN * D_OUT)
-  in_jaxpr = _jaxpr_weight_gradient_dots(step["jaxpr"], D_IN * D_OUT)
+  in_hlo = hlo_weight_gradient_dots(step["hlo"], D_IN * D_OUT, TOKENS)
+  in_jaxpr = jaxpr_weight_gradient_dots(step["jaxpr"], D_IN * D_OUT, TOKENS)
   if recipe == "wrap":
     assert in_hlo == [], in_hlo
     assert in_jaxpr == [], in_jaxpr

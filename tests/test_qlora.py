@@ -16,12 +16,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from _hlo import hlo_weight_gradient_dots
 from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
-from tests._hlo import hlo_weight_gradient_dots
 
 RTOL, GRAD_RTOL = 2e-5, 1e-4
 SCHEMES = [("nf4", False), ("nf4", True), ("int4", False), ("int8", False)]
