@@ -275,8 +275,8 @@ class Base:
     """Eval loss of the base, of the base with `adapter`, or of other `variables`."""
     if adapter is not None:
       return evaluate(jitted(self.losses.lora)[0], adapter, self.variables, windows, batch)
-    return evaluate(jitted(self.losses.full)[0],
-                    self.variables if variables is None else variables, None, windows, batch)
+    dense = jlora.dequantize(self.variables if variables is None else variables)  # QLoRA base
+    return evaluate(jitted(self.losses.full)[0], dense, None, windows, batch)
 
 
 def pretrained_base(config: ModelConfig, corpus: Corpus, *, steps: int, lr: float, batch: int,

@@ -12,6 +12,9 @@
 4. Saves the adapter with `jlora.save` (orbax) and as a PEFT folder (`jlora.export_peft`), a
    loss-curve plot, and a markdown table of the eval losses.
 
+``--quantize nf4`` (QLoRA) keeps the adapted kernels of the frozen base in NF4 and writes
+``finetune_nf4.md`` instead; compare its eval loss on B with the float32 base's.
+
 Scale it up on a GPU with the flags, e.g.
 ``--d-model 512 --layers 8 --heads 8 --seq 256 --batch 64 --pretrain-steps 5000 --steps 1000``.
 """
@@ -19,6 +22,7 @@ Scale it up on a GPU with the flags, e.g.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -51,6 +55,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   g.add_argument("--full-lr", type=common.positive_float, default=common.FULL_LR,
                  help="full fine-tuning peak LR")
   g.add_argument("--no-full", action="store_true", help="skip the full fine-tuning baseline")
+  g.add_argument("--quantize", choices=("nf4", "int4", "int8"), default=None,
+                 help="QLoRA: keep the adapted kernels of the frozen base quantized "
+                 "(jlora.quantize, blocks of 64); implies --no-full")
+  g.add_argument("--double-quant", action="store_true",
+                 help="with --quantize: also store the block scales in 8 bits")
   g.add_argument("--evals", type=int, default=10, help="eval points on each fine-tuning curve")
   g = parser.add_argument_group("outputs")
   g.add_argument("--out", default="runs/finetune", help="where the adapter is saved")
@@ -67,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   config = common.lora_config(args.targets, args.rank, args.alpha)
   setup = common.prepare(args, [config])
   base, batch = setup.base, args.batch
+  if args.quantize:  # QLoRA: the frozen kernels that get adapters are stored quantized
+    base = dataclasses.replace(base, variables=jlora.quantize(
+        base.variables, config.targets, args.quantize, double_quant=args.double_quant))
+    args.no_full = True
   m = dict(base_params=common.num_params(base.variables),
            before=base.eval(setup.eval_b, batch), before_a=base.eval(setup.eval_a, batch))
   print(f"Base model: eval loss {m['before']:.4f} on B ({setup.corpus_b.name}), "
@@ -79,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               lr=args.lr, batch=batch, seed=args.seed + 2, evals=args.evals)
   adapter = lora.trained
   m.update(lora=lora.eval_loss, lora_a=base.eval(setup.eval_a, batch, adapter=adapter),
-           lora_params=jlora.num_params(adapter), **_merge_check(base, adapter, setup.eval_b,
-                                                                 batch))
+           lora_params=jlora.num_params(adapter), **_quantized(base),
+           **_merge_check(base, adapter, setup.eval_b, batch))
   full = None
   if not args.no_full:
     full = common.finetune_full(base, setup.corpus_b, setup.eval_b, steps=args.steps,
@@ -94,28 +107,40 @@ def main(argv: Sequence[str] | None = None) -> dict:
   peft = common.export_peft(args.out, adapter, config)
   results_dir = pathlib.Path(args.results_dir).resolve()
   results_dir.mkdir(parents=True, exist_ok=True)
+  name = f"finetune_{args.quantize}" if args.quantize else "finetune"
   curves = {f"LoRA r={args.rank}": lora.curve} | ({"full fine-tuning": full.curve} if full else {})
-  common.plot_curves(results_dir / "finetune.png",
+  common.plot_curves(results_dir / f"{name}.png",
                      [(f"pretraining on A ({setup.corpus_a.name})", {"base": base.curve}),
                       (f"fine-tuning on B ({setup.corpus_b.name})", curves)])
   table, notes = _report(args, setup, m, lora, full)
   results = common.write_results(
-      results_dir / "finetune.md", "LoRA vs full fine-tuning",
+      results_dir / f"{name}.md", "LoRA vs full fine-tuning",
       common.command_line("finetune.py", argv),
-      table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n![loss curves](finetune.png)")
+      table + "\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n\n![loss curves]({name}.png)")
 
   print(f"\n{table}\n")
   print("\n".join(notes[2:]))
   print(f"\nSaved the adapter and its LoraConfig (orbax) to {out}")
   print(f"Saved it as a Hugging Face PEFT adapter folder to {peft}")
-  print(f"Loss curves: {results_dir / 'finetune.png'}\nResults table: {results}")
+  print(f"Loss curves: {results_dir / f'{name}.png'}\nResults table: {results}")
   print(f"Total time: {time.perf_counter() - start:.0f} s")
   if m["merge_gap"] > MERGE_TOLERANCE or m["restored"] != m["lora"]:
     raise common.CliError(
         f"the merged model or the restored adapter does not reproduce the trained adapter's "
         f"eval loss {m['lora']:.6f} (merged {m['merged']:.6f}, restored {m['restored']:.6f}).")
   return dict(m, adapter_dir=out, peft_dir=peft, results=results,
-              plot=results_dir / "finetune.png")
+              plot=results_dir / f"{name}.png")
+
+
+def _quantized(base: common.Base) -> dict:
+  """How many kernels of the base are quantized, and the summary's bytes line."""
+  leaves = jlora._tree.flatten(base.variables).values()
+  quantized = [x for x in leaves if jlora.quant.is_quantized(x)]
+  dense = sum(x.size * x.dtype.itemsize for x in quantized)
+  stored = sum(x.nbytes for x in quantized)
+  ratio = stored / max(dense, 1)
+  return dict(quantized_kernels=len(quantized),
+              frozen_bytes=f"{stored:,} bytes against {dense:,} dense, {ratio:.3f}×")
 
 
 def _merge_check(base: common.Base, adapter: jlora.Adapter, windows, batch: int) -> dict:
@@ -134,7 +159,9 @@ def _report(args, setup: common.Setup, m: dict, lora, full) -> tuple[str, list[s
   name = args.targets if args.targets in common.TARGETS else "custom"
   rows = [["base model, not fine-tuned", "0", "0 %", f"{m['before']:.4f}",
            f"{m['before_a']:.4f}", "-"],
-          [f"LoRA r={args.rank}, α={args.alpha:g}, targets {name}",
+          [f"LoRA r={args.rank}, α={args.alpha:g}, targets {name}"
+           + (f", on a {args.quantize}{' + dq' if args.double_quant else ''} base"
+              if args.quantize else ""),
            *common.fmt_params(m["lora_params"], m["base_params"]), f"{m['lora']:.4f}",
            f"{m['lora_a']:.4f}", f"{lora.seconds:.0f} s"],
           ["the same LoRA merged: jlora.merge, then model.apply", "-", "-", f"{m['merged']:.4f}",
@@ -163,6 +190,11 @@ def _report(args, setup: common.Setup, m: dict, lora, full) -> tuple[str, list[s
       f"Adapter saved with `jlora.save` and read back with `jlora.restore`: eval loss "
       f"{m['restored']:.4f}.",
   ]
+  if args.quantize:
+    dq = " with double quantization" if args.double_quant else ""
+    notes.append(f"QLoRA: the {m['quantized_kernels']} adapted kernels of the frozen base are "
+                 f"stored as {args.quantize}{dq} ({m['frozen_bytes']}); the merged model is "
+                 "dense: dequantized W + ΔW.")
   if full:
     gap = 100 * (m["lora"] - m["full"]) / m["full"]
     notes.append(f"LoRA vs full fine-tuning: eval loss {gap:+.2f} % with "
