@@ -119,6 +119,17 @@ def _to_value_order(q, view, value_axes):
 # The factored branches.
 
 
+def _check_routed(tag: Tag, f: LoraFactors, x, eqn, batch_axis_free: bool = True) -> None:
+  n = tag.lora[0].shape[len(_remaining_stacked(tag, f))]
+  if not batch_axis_free or x.ndim == 0 or x.shape[0] != n:
+    raise ValueError(
+        f"{tag.path}: the routed adapter has {n} examples (len(ids) in jlora.route), but "
+        f"{eqn.primitive.name} reads an input of shape {x.shape} whose leading axis is not a "
+        "batch of that size. Fix: pass ids with one entry per example of the batch, and keep "
+        "the batch as the leading axis of the model's inputs."
+    )
+
+
 def _dot_branch(eqn, ins, position: int, tag: Tag, f: LoraFactors, swapped: bool):
   """s·((x·Aᵀ)·B) for a dot_general, in the dot's output layout."""
   view, x = tag.view, ins[1 - position]
@@ -136,14 +147,7 @@ def _dot_branch(eqn, ins, position: int, tag: Tag, f: LoraFactors, swapped: bool
                if view.axis_atoms(ax)}
   groups = [by_source[ax] for ax in _remaining_stacked(tag, f)]
   if _is_routed(tag, f):
-    n = p.shape[len(groups)]
-    if not x_free or x_free[0] != 0 or x.shape[0] != n:
-      raise ValueError(
-          f"{tag.path}: the routed adapter has {n} examples (len(ids) in jlora.route), but "
-          f"{eqn.primitive.name} reads an input of shape {x.shape} whose leading axis is not a "
-          "batch of that size. Fix: pass ids with one entry per example of the batch, and keep "
-          "the batch as the leading axis of the model's inputs."
-      )
+    _check_routed(tag, f, x, eqn, batch_axis_free=bool(x_free) and x_free[0] == 0)
     groups.append(0)
   tokens = [ax for ax in x_free if ax not in groups]
   # x with its contracted axes cut into the kernel's atoms, then (*groups, tokens, fan_in).
@@ -214,6 +218,7 @@ def _conv_branch(eqn, ins, tag: Tag, f: LoraFactors):
   x = _dropout(x, tag, f)
   a, b = tag.lora
   if _is_routed(tag, f):
+    _check_routed(tag, f, x, eqn)
     return jax.vmap(lambda xi, ai, bi: branch(xi[None], ai, bi)[0])(x, a, b)
   return branch(x, a, b)
 
@@ -227,6 +232,8 @@ def _gather_branch(eqn, ins, tag: Tag, f: LoraFactors):
   channel = numbers.offset_dims[0]
   a, b = tag.lora
   routed = _is_routed(tag, f)
+  if routed:
+    _check_routed(tag, f, ids, eqn)
   rank, rows = a.shape[-2], a.shape[-1]
   table = jnp.swapaxes(a, -1, -2)  # (…, rows, rank)
   if routed:  # one table of B·rows rows; example i reads its own block

@@ -429,3 +429,20 @@ def test_combine_bad_arguments():
     jlora.truncate(a, 0)
   # Success beside each failure: four weights would fail, two mix.
   assert jlora.combine([a, b], [0.5, 0.5], method="svd", rank=4).lora["fc/kernel"].rank == 4
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Embed(10, 4), jnp.zeros((3, 5), jnp.int32)),
+    (nn.Conv(4, (3,)), jnp.ones((3, 5, 2))),
+    (nn.Dense(4), jnp.ones((3, 5, 2))),
+], ids=["lookup", "conv", "dense"])
+def test_route_with_ids_of_another_length_than_the_batch_names_the_kernel(layer, x):
+  variables = layer.init(jax.random.key(0), x)
+  config = jlora.LoraConfig(rank=1, alpha=1.0, targets=".*(kernel|embedding)")
+  adapter = jlora.init(jax.random.key(1), variables, config, layer.apply, x)
+  stacked = jlora.stack([adapter, adapter])
+  with pytest.raises(ValueError, match=r"params/(kernel|embedding): the routed adapter has 2 "
+                     r"examples \(len\(ids\) in jlora.route\).*Fix: pass ids with one entry"):
+    jlora.wrap(layer.apply)(variables, jlora.route(stacked, jnp.array([0, 1])), x)
+  y = jlora.wrap(layer.apply)(variables, jlora.route(stacked, jnp.array([0, 1, -1])), x)
+  assert y.shape == layer.apply(variables, x).shape
