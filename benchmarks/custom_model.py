@@ -43,7 +43,8 @@ class Einsum(nn.Module):
   def __call__(self, x):
     w = self.param("w", nn.initializers.normal(0.02), self.shape)
     b = self.param("bias", nn.initializers.zeros, self.bias_shape)
-    return jnp.einsum(self.equation, x, w) + b
+    y = jnp.einsum(self.equation, x, w)
+    return y + b[(None,) * (y.ndim - b.ndim)]
 
 
 class OutIn(nn.Module):
@@ -54,7 +55,9 @@ class OutIn(nn.Module):
   @nn.compact
   def __call__(self, x):
     weight = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]))
-    return x @ weight.T + self.param("bias", nn.initializers.zeros, (self.features,))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    y = x @ weight.T
+    return y + bias[(None,) * (y.ndim - 1)]
 
 
 def _projections(c: GPTConfig, layout: str):

@@ -213,10 +213,11 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
   kernels with `LoraConfig.roles` are accepted; `jlora.wrap` checks those roles against the
   program when it first runs, so a kernel stored (out, in) fails loudly there.
 
-  Kernels placed on a mesh (`NamedSharding` over several devices) give an adapter placed like
-  them (A follows each kernel's fan_in axes, B its fan_out axes, the rank axis replicated),
-  each factor created in its own shards and never whole on one device: `jlora.init_sharded`
-  is then called for you (call it yourself for a replicated, DDP-style adapter).
+  Kernels placed on a mesh (`NamedSharding` over several devices; trained extras placed too)
+  give an adapter placed like them (A follows each kernel's fan_in axes, B its fan_out axes,
+  the rank axis replicated), each factor created in its own shards and never whole on one
+  device: `jlora.init_sharded` is then called for you (call it yourself for a replicated,
+  DDP-style adapter).
 
   Args:
     key: a PRNG key for A.
@@ -250,7 +251,9 @@ def init(key: jax.Array, params: Params, config: LoraConfig,
   targets = select_targets(flat, config)
   for path, leaf in targets.items():
     _check_floating(path, leaf)
-  if any(_on_a_mesh(leaf) for leaf in targets.values()):
+  extras = [leaf for path, leaf in flat.items() if config.is_trainable_extra(path)]
+  if any(map(_on_a_mesh, targets.values())) and all(
+      isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) for x in extras):
     from jlora.sharding import init_sharded  # noqa: PLC0415 (sharding builds on this module)
     return init_sharded(key, params, config, model, *example_args, **example_kwargs)
   roles = _target_roles(targets, config, model, params, example_args, example_kwargs)

@@ -212,7 +212,8 @@ def nnx_lm():
 def test_nnx_dropout_only_with_a_dropout_key(nnx_lm, targets):
   graphdef, state, ids = nnx_lm
   config = jlora.LoraConfig(rank=2, alpha=4.0, targets=targets, dropout=0.5)
-  adapter = _random_like(jlora.init(KEY, state, config, nnx.merge(graphdef, state)), 1, 0.3)
+  adapter = _random_like(jlora.init(KEY, state, config, nnx.merge(graphdef, state), ids), 1,
+                         0.3)
   apply = jlora.wrap(graphdef)
   evaluated = apply(state, adapter, ids)
   merged = nnx.merge(graphdef, jlora.merge(state, adapter))(ids)
