@@ -104,15 +104,18 @@ def _dropout(x, tag: Tag, f: LoraFactors):
 
 
 def _to_value_order(q, view, value_axes):
-  """Factor `q` (…, rank, fan) with fan in kernel order, as (…, rank, *value axes' sizes): its
-  fan atoms put in the order the value holds them."""
+  """Factor `q` (…, rank, fan) with fan in kernel order, its fan atoms put in the order the
+  value holds them, still flat: (…, rank, fan). Kept 2-D, so the product with it is one plain
+  matmul whose transpose needs no copy of the activations."""
   atoms = [i for ax in value_axes for i in view.axis_atoms(ax)]
   ordered = sorted(atoms)
+  if atoms == ordered:
+    return q
   lead = q.shape[:-1]
   q = q.reshape(*lead, *(view.atoms[i][1] for i in ordered))
   n = len(lead)
   q = q.transpose(*range(n), *(n + ordered.index(i) for i in atoms))
-  return q.reshape(*lead, *(view.shape[ax] for ax in value_axes))
+  return q.reshape(*lead, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +375,7 @@ class _Factored(program.Rules):
 
     if f is None:
       return _with_kernel(tag, base)
+    (y,) = _with_kernel(tag, base)  # the model's own op first, as the program orders it
     with jax.named_scope("jlora/low_rank"):
       if use.kind == "dense":
         branch = _dot_branch(eqn, ins, position, tag, f, swapped)
@@ -379,7 +383,6 @@ class _Factored(program.Rules):
         branch = _conv_branch(eqn, ins, tag, f)
       else:
         branch = _gather_branch(eqn, ins, tag, f)
-    (y,) = _with_kernel(tag, base)
     return [y + branch.astype(y.dtype)]
 
 
