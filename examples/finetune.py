@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = dataclasses.replace(base, variables=jlora.quantize(
         base.variables, config.targets, args.quantize, double_quant=args.double_quant))
     args.no_full = True
-  m = dict(base_params=common.num_params(base.variables),
+  m = dict(base_params=common.num_params(setup.base.variables),  # dense, as trained
            before=base.eval(setup.eval_b, batch), before_a=base.eval(setup.eval_a, batch))
   print(f"Base model: eval loss {m['before']:.4f} on B ({setup.corpus_b.name}), "
         f"{m['before_a']:.4f} on A ({setup.corpus_a.name})")
