@@ -383,7 +383,7 @@ class _Factored(program.Rules):
         branch = _conv_branch(eqn, ins, tag, f)
       else:
         branch = _gather_branch(eqn, ins, tag, f)
-    return [y + branch.astype(y.dtype)]
+    return [program.Sum(y, branch)]  # added after a following bias add, if there is one
 
 
 # ----------------------------------------------------------------------------------------------

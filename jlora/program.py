@@ -224,6 +224,23 @@ def run(program: Program, tags: dict[str, Tag], rules: Rules):
   return jax.tree.unflatten(program.out_tree, outs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sum:
+  """A value the program holds as ``base + extra`` (an op's output plus a low-rank branch),
+  added late: when the next op is an add (a layer's bias), that add comes first, so XLA can
+  still fuse the bias into the op's output as it would without LoRA."""
+
+  base: Any
+  extra: Any
+
+  def value(self):
+    return self.base + self.extra.astype(self.base.dtype)
+
+
+def _settle(x):
+  return x.value() if isinstance(x, Sum) else x
+
+
 def evaluate(jaxpr, consts, invals, rules: Rules) -> list[Any]:
   """Runs `jaxpr` on `invals` (some of them tags); tags in the outputs are made values."""
   env: dict[Any, Any] = {}
@@ -231,12 +248,18 @@ def evaluate(jaxpr, consts, invals, rules: Rules) -> list[Any]:
   env.update(zip(jaxpr.invars, invals, strict=True))
   for eqn in jaxpr.eqns:
     ins = [_read(env, v) for v in eqn.invars]
-    if any(isinstance(v, Tag) for v in ins):
-      outs = _step(eqn, ins, rules)
+    sums = [k for k, v in enumerate(ins) if isinstance(v, Sum)]
+    if len(sums) == 1 and eqn.primitive.name == "add" and not any(isinstance(v, Tag)
+                                                                    for v in ins):
+      k = sums[0]
+      (out,) = bind(eqn, [ins[k].base if i == k else v for i, v in enumerate(ins)])
+      outs = [Sum(out, ins[k].extra).value()]
+    elif any(isinstance(v, Tag) for v in ins):
+      outs = _step(eqn, [_settle(v) for v in ins], rules)
     else:
-      outs = bind(eqn, ins)
+      outs = bind(eqn, [_settle(v) for v in ins])
     env.update(zip(eqn.outvars, outs, strict=True))
-  return [_value(_read(env, v), rules) for v in jaxpr.outvars]
+  return [_value(_settle(_read(env, v)), rules) for v in jaxpr.outvars]
 
 
 def _value(x, rules: Rules, op: str = "an output"):
