@@ -31,10 +31,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jlora import program
+from jlora import program, quant
 from jlora.adapter import Adapter, LoraFactors
 from jlora.merge import check_fits, delta, with_extras
 from jlora.program import Tag
@@ -69,12 +68,9 @@ class MergedUseWarning(UserWarning):
 
 def _now(tag: Tag, f: LoraFactors) -> LoraFactors:
   """`f` as it applies to `tag`'s kernel: sliced stacked axes dropped, axes renumbered."""
-  keep = {ax: i for i, ax in enumerate(tag.axes)}
-  axes = lambda xs: tuple(keep[ax] for ax in xs if ax in keep)  # noqa: E731
-  roles = AxisRoles(f.roles.kind, axes(f.roles.contracting), axes(f.roles.features),
-                    axes(f.roles.stacked))
+  sliced = [ax for ax in range(len(f.kernel_shape)) if ax not in tag.axes]
   a, b = tag.lora
-  return LoraFactors(a=a, b=b, scale=f.scale, roles=roles,
+  return LoraFactors(a=a, b=b, scale=f.scale, roles=f.roles.without(sliced),
                      kernel_shape=tuple(tag.kernel.shape), dropout=f.dropout)
 
 
@@ -89,7 +85,7 @@ def _is_routed(tag: Tag, f: LoraFactors) -> bool:
 def _with_kernel(tag: Tag, compute: Callable[[jax.Array], Any]):
   """`compute(W)` with the value the program holds for the kernel; a quantized kernel is
   dequantized inside a `jax.checkpoint`, so the backward recomputes it from the codes."""
-  if isinstance(tag.kernel, jax.Array | np.ndarray):
+  if not quant.is_quantized(tag.kernel):
     return compute(tag.view.apply(tag.kernel))
   run = lambda kernel: compute(tag.view.apply(program.dense(kernel)))  # noqa: E731
   return jax.checkpoint(run, policy=_NOTHING_SAVED)(tag.kernel)

@@ -141,15 +141,13 @@ class Rules:
 
 def dense(kernel):
   """The kernel as an array: a quantized kernel is dequantized."""
-  if isinstance(kernel, jax.Array | np.ndarray):
-    return kernel
-  return quant.dequantize(kernel)
+  return quant.dequantize(kernel) if quant.is_quantized(kernel) else kernel
 
 
 def can_index(tag: Tag, source: int) -> bool:
   """Whether kernel axis `source` can be indexed in the stored kernel (a quantized kernel
   keeps its blocks along its last axis)."""
-  return isinstance(tag.kernel, jax.Array | np.ndarray) or source != tag.axes[-1]
+  return not quant.is_quantized(tag.kernel) or source != tag.axes[-1]
 
 
 # ----------------------------------------------------------------------------------------------

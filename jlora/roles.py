@@ -56,10 +56,16 @@ class AxisRoles:
     return AxisRoles(self.kind, shift(self.contracting), shift(self.features),
                      tuple(range(n)) + shift(self.stacked))
 
+  def without(self, axes) -> AxisRoles:
+    """The roles of the kernel once its `axes` are indexed away (the rest renumbered)."""
+    gone = set(axes)
+    keep = lambda xs: tuple(a - sum(g < a for g in gone) for a in xs if a not in gone)  # noqa: E731
+    return AxisRoles(self.kind, keep(self.contracting), keep(self.features),
+                     keep(self.stacked))
+
   def unstacked(self) -> AxisRoles:
     """The roles of one layer's kernel, as the module inside the stack sees it."""
-    drop = lambda axes: tuple(a - sum(s < a for s in self.stacked) for a in axes)  # noqa: E731
-    return AxisRoles(self.kind, drop(self.contracting), drop(self.features))
+    return self.without(self.stacked)
 
 
 def from_letters(letters: str, kind: str = "dense") -> AxisRoles:
